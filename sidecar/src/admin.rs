@@ -1,0 +1,63 @@
+//! The admin listener, apart from the data path: probes for the kubelet (and later
+//! `/metrics` for Prometheus). Neither probe ever calls a provider.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::error::JSON;
+use crate::reload::SharedState;
+
+pub async fn handle<B>(state: Arc<SharedState>, request: Request<B>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz" | "/live") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz" | "/ready") => readiness(&state),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Ready when a valid config is loaded, every endpoint has its credential, and the sidecar
+/// is not shutting down. The body says which endpoint is missing what, and which key
+/// (by fingerprint) each one uses, so a rotation can be checked from outside.
+fn readiness(state: &SharedState) -> Response<Full<Bytes>> {
+    let snapshot = state.snapshot();
+    let draining = state.is_draining();
+    let ready = snapshot.is_ready() && !draining;
+    let endpoints: Vec<_> = snapshot
+        .endpoints
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name(),
+                "provider": e.config.provider.as_str(),
+                "model": e.config.model,
+                "credentialFingerprint": e.credential().map(|c| c.fingerprint()),
+                "error": e.unavailable_reason().map(ToString::to_string),
+            })
+        })
+        .collect();
+    let status = match (draining, ready) {
+        (true, _) => "draining",
+        (false, true) => "ready",
+        (false, false) => "not_ready",
+    };
+    let body =
+        json!({"status": status, "configHash": snapshot.config_hash, "endpoints": endpoints});
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    response.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}

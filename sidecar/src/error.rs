@@ -1,0 +1,186 @@
+//! Errors the sidecar itself answers with, always in OpenAI's error envelope so that SDKs
+//! raise their usual exception types (`BadRequestError`, `NotFoundError`, ...).
+//! Upstream error responses are never converted: they pass through unchanged.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use serde::Serialize;
+
+use crate::credentials::CredentialError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    MalformedJson(String),
+    #[error("The request body must be a JSON object.")]
+    BodyNotAnObject,
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: u64 },
+    #[error("The request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("The model '{0}' does not exist or is not served by this llmesh sidecar. GET /v1/models lists the models it serves.")]
+    UnknownModel(String),
+    #[error("No endpoint is named '{0}' (from the x-llmesh-endpoint header).")]
+    UnknownEndpoint(String),
+    #[error("The request names no known model and no endpoint (x-llmesh-endpoint header), and this llmesh sidecar has no default endpoint.")]
+    NoEndpointSelected,
+    #[error("Invalid URL ({method} {path}).")]
+    UnknownRoute { method: String, path: String },
+    #[error("The mock provider does not implement {0}.")]
+    NotImplementedByMock(String),
+    #[error("Endpoint '{endpoint}' has no usable credential: {source}")]
+    CredentialUnavailable {
+        endpoint: String,
+        source: CredentialError,
+    },
+    #[error("Endpoint '{endpoint}': upstream is unreachable: {reason}")]
+    UpstreamUnreachable { endpoint: String, reason: String },
+    #[error("Endpoint '{endpoint}': upstream closed the connection before responding: {reason}")]
+    UpstreamReset { endpoint: String, reason: String },
+    #[error("Endpoint '{endpoint}': upstream did not {what} within {limit}.")]
+    UpstreamTimeout {
+        endpoint: String,
+        what: &'static str,
+        limit: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_)
+            | Self::BodyNotAnObject
+            | Self::BodyRead(_)
+            | Self::NoEndpointSelected => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownModel(_)
+            | Self::UnknownEndpoint(_)
+            | Self::UnknownRoute { .. }
+            | Self::NotImplementedByMock(_) => StatusCode::NOT_FOUND,
+            Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable { .. } | Self::UpstreamReset { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// OpenAI's `error.type`: the class of error.
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "llmesh_error",
+        }
+    }
+
+    /// A stable, machine-readable `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "invalid_json",
+            Self::BodyNotAnObject => "invalid_body",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyRead(_) => "body_read_error",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::UnknownEndpoint(_) => "endpoint_not_found",
+            Self::NoEndpointSelected => "model_required",
+            Self::UnknownRoute { .. } => "unknown_url",
+            Self::NotImplementedByMock(_) => "not_implemented",
+            Self::CredentialUnavailable { .. } => "credential_unavailable",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::UpstreamReset { .. } => "upstream_reset",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::UnknownModel(_) | Self::NoEndpointSelected => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON error envelope.
+    pub fn body(&self) -> Bytes {
+        let envelope = Envelope {
+            error: ErrorBody {
+                message: self.to_string(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        // Serializing plain strings cannot fail; fall back to a fixed body rather than panic.
+        serde_json::to_vec(&envelope)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::from_static(br#"{"error":{"message":"internal error","type":"llmesh_error","param":null,"code":"internal"}}"#))
+    }
+
+    /// The same envelope as one Server-Sent Event, for failures after a stream has started.
+    pub fn sse_event(&self) -> Bytes {
+        let body = self.body();
+        let mut event = Vec::with_capacity(body.len() + 8);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&body);
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
+pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_matches_openai_shape() {
+        let err = ProxyError::UnknownModel("gpt-9".into());
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("'gpt-9'"));
+    }
+
+    #[test]
+    fn server_side_errors_have_their_own_type() {
+        let err = ProxyError::UpstreamTimeout {
+            endpoint: "chat".into(),
+            what: "send response headers",
+            limit: "5s".into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(v["error"]["type"], "llmesh_error");
+        assert_eq!(
+            v["error"]["message"],
+            "Endpoint 'chat': upstream did not send response headers within 5s."
+        );
+    }
+
+    #[test]
+    fn sse_event_is_one_complete_event() {
+        let event = ProxyError::UpstreamReset {
+            endpoint: "chat".into(),
+            reason: "reset".into(),
+        }
+        .sse_event();
+        assert!(event.starts_with(b"data: {\"error\":"));
+        assert!(event.ends_with(b"}\n\n"));
+    }
+}

@@ -1,0 +1,12 @@
+//! llmesh sidecar: a localhost proxy between an app's OpenAI SDK and its LLM providers.
+
+pub mod admin;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod logging;
+pub mod provider;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod snapshot;

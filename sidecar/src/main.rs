@@ -1,0 +1,165 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use llmesh_sidecar::config::{self, ConfigSource};
+use llmesh_sidecar::logging::{self, LogFormat};
+use llmesh_sidecar::reload::{Reloader, SharedState};
+use llmesh_sidecar::server;
+use llmesh_sidecar::snapshot::Snapshot;
+
+/// llmesh sidecar: point your OpenAI SDK at http://127.0.0.1:4000/v1 and it adds the
+/// provider's credentials, deadlines and streaming.
+#[derive(Parser, Debug)]
+#[command(name = "llmesh-sidecar", version)]
+struct Cli {
+    /// A YAML file with the whole configuration.
+    #[arg(long, env = "LLMESH_CONFIG", conflicts_with = "config_dir", required_unless_present_any = ["config_dir", "print_schema"])]
+    config: Option<PathBuf>,
+    /// A directory with one YAML file per endpoint (a mounted ConfigMap).
+    #[arg(long, env = "LLMESH_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// Where apps connect. Loopback by default: the pod is the security boundary.
+    #[arg(long, env = "LLMESH_LISTEN", default_value = "127.0.0.1:4000")]
+    listen: SocketAddr,
+    /// Probes (and metrics) for the kubelet and Prometheus.
+    #[arg(long, env = "LLMESH_ADMIN_LISTEN", default_value = "0.0.0.0:4001")]
+    admin_listen: SocketAddr,
+    #[arg(long, env = "LLMESH_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax.
+    #[arg(long, env = "LLMESH_LOG", default_value = "info")]
+    log: String,
+    /// How often config and credential files are checked for changes.
+    #[arg(long, env = "LLMESH_RELOAD_INTERVAL", default_value = "2s")]
+    reload_interval: config::Duration,
+    /// How long requests and streams in flight may take to finish after SIGTERM.
+    #[arg(long, env = "LLMESH_SHUTDOWN_GRACE", default_value = "30s")]
+    shutdown_grace: config::Duration,
+    /// Validate the configuration, print a summary and exit.
+    #[arg(long)]
+    check: bool,
+    /// Print the JSON Schema of the configuration and exit.
+    #[arg(long, value_enum)]
+    print_schema: Option<SchemaKind>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SchemaKind {
+    /// A `--config` file.
+    Config,
+    /// One file of a `--config-dir` directory.
+    Endpoint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(kind) = cli.print_schema {
+        let schema = match kind {
+            SchemaKind::Config => config::sidecar_config_schema(),
+            SchemaKind::Endpoint => config::endpoint_config_schema(),
+        };
+        println!("{}", serde_json::to_string_pretty(&schema)?);
+        return Ok(());
+    }
+    logging::init(cli.log_format, &cli.log).map_err(anyhow::Error::msg)?;
+    let source = match (&cli.config, &cli.config_dir) {
+        (Some(file), None) => ConfigSource::File(file.clone()),
+        (None, Some(dir)) => ConfigSource::Dir(dir.clone()),
+        _ => bail!("give exactly one of --config and --config-dir"),
+    };
+    let loaded = source.load()?;
+    let snapshot = Snapshot::build(&loaded, None)?;
+    if cli.check {
+        for e in &snapshot.endpoints {
+            let credential = match (e.credential(), e.unavailable_reason()) {
+                (Some(c), _) => c.fingerprint().to_string(),
+                (None, Some(error)) => format!("UNAVAILABLE: {error}"),
+                (None, None) => "none".to_string(),
+            };
+            println!(
+                "{} provider={} model={} credential={credential}",
+                e.name(),
+                e.config.provider.as_str(),
+                e.config.model
+            );
+        }
+        println!("configuration is valid (hash {})", loaded.hash);
+        return Ok(());
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmesh")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli, source, loaded, snapshot))
+}
+
+async fn run(
+    cli: Cli,
+    source: ConfigSource,
+    loaded: config::LoadedConfig,
+    snapshot: Snapshot,
+) -> anyhow::Result<()> {
+    let state = SharedState::new(snapshot);
+    let app_listener = TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let admin_listener = TcpListener::bind(cli.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", cli.admin_listen))?;
+    tracing::info!(
+        app = %app_listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        config = %source.path().display(),
+        config_hash = %loaded.hash,
+        endpoints = state.snapshot().endpoints.len(),
+        ready = state.snapshot().is_ready(),
+        "listening"
+    );
+
+    let reloader = Reloader::new(source, state.clone(), loaded);
+    tokio::spawn(reloader.run(cli.reload_interval.get()));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (admin_shutdown_tx, admin_shutdown_rx) = watch::channel(false);
+    let admin = tokio::spawn(server::serve_admin(
+        admin_listener,
+        state.clone(),
+        admin_shutdown_rx,
+    ));
+    let app = tokio::spawn(server::serve_app(
+        app_listener,
+        state.clone(),
+        shutdown_rx,
+        cli.shutdown_grace.get(),
+    ));
+
+    wait_for_signal().await?;
+    tracing::info!(grace = %cli.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
+    state.start_draining();
+    let _ = shutdown_tx.send(true);
+    // The admin port stays up (reporting "draining") until the data path is done.
+    let _ = app.await;
+    let _ = admin_shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! What differs between providers: where a request goes and how the key is sent
+//! (see [`crate::credentials`]). Apps always speak OpenAI's paths (`/v1/...`) to the sidecar.
+
+pub mod mock;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+
+use crate::config::{EndpointConfig, ProviderKind};
+
+const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Operations that Azure OpenAI scopes to a deployment (`/openai/deployments/{name}/...`).
+const AZURE_DEPLOYMENT_OPERATIONS: &[&str] = &[
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/audio/transcriptions",
+    "/audio/translations",
+    "/audio/speech",
+    "/images/generations",
+];
+
+/// Where the requests of one upstream (non-mock) endpoint are sent.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path without a trailing slash, e.g. `/v1` or empty.
+    base_path: String,
+    azure: Option<AzureTarget>,
+}
+
+#[derive(Debug, Clone)]
+struct AzureTarget {
+    deployment: String,
+    api_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint {endpoint}: base URL is not usable: {reason}")]
+pub struct TargetError {
+    endpoint: String,
+    reason: &'static str,
+}
+
+impl Target {
+    /// `None` for the mock provider, which is answered in-process.
+    pub fn for_endpoint(endpoint: &EndpointConfig) -> Result<Option<Self>, TargetError> {
+        let fail = |reason| TargetError {
+            endpoint: endpoint.name.clone(),
+            reason,
+        };
+        let base = match (endpoint.provider, endpoint.base_url.as_deref()) {
+            (ProviderKind::Mock, _) => return Ok(None),
+            (_, Some(url)) => url,
+            (ProviderKind::Openai, None) => OPENAI_BASE_URL,
+            (_, None) => return Err(fail("missing")),
+        };
+        let uri: Uri = base.parse().map_err(|_| fail("not a URL"))?;
+        let parts = uri.into_parts();
+        let scheme = parts.scheme.ok_or_else(|| fail("no scheme"))?;
+        let authority = parts.authority.ok_or_else(|| fail("no host"))?;
+        let base_path = parts
+            .path_and_query
+            .map(|pq| pq.path().trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        let azure = endpoint.azure.as_ref().map(|a| AzureTarget {
+            deployment: a
+                .deployment
+                .clone()
+                .unwrap_or_else(|| endpoint.model.clone()),
+            api_version: a.api_version.clone(),
+        });
+        Ok(Some(Self {
+            scheme,
+            authority,
+            base_path,
+            azure,
+        }))
+    }
+
+    /// The upstream URI for an app request to `/v1{api_path}?{query}`.
+    pub fn uri(&self, api_path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let path_and_query = match &self.azure {
+            None => match query {
+                Some(q) => format!("{}{api_path}?{q}", self.base_path),
+                None => format!("{}{api_path}", self.base_path),
+            },
+            Some(azure) => {
+                let path = if AZURE_DEPLOYMENT_OPERATIONS.contains(&api_path) {
+                    format!(
+                        "{}/openai/deployments/{}{api_path}",
+                        self.base_path, azure.deployment
+                    )
+                } else {
+                    format!("{}/openai{api_path}", self.base_path)
+                };
+                // The endpoint's api-version wins over one the app may send.
+                let mut pq = format!("{path}?api-version={}", azure.api_version);
+                for pair in query.unwrap_or("").split('&') {
+                    if !pair.is_empty() && !pair.starts_with("api-version=") {
+                        pq.push('&');
+                        pq.push_str(pair);
+                    }
+                }
+                pq
+            }
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::try_from(path_and_query)?)
+            .build()
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(yaml: &str) -> EndpointConfig {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn openai_defaults_to_the_public_api() {
+        let t = Target::for_endpoint(&endpoint(
+            "{name: a, provider: openai, model: gpt-4o, credential: {file: /k}}",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t.uri("/chat/completions", None).unwrap(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn compatible_servers_keep_their_base_path_and_the_query() {
+        let t = Target::for_endpoint(&endpoint(
+            "{name: a, provider: openai-compatible, model: llama, baseUrl: 'http://vllm:8000/v1/'}",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t.uri("/models", Some("limit=2")).unwrap(),
+            "http://vllm:8000/v1/models?limit=2"
+        );
+    }
+
+    #[test]
+    fn azure_puts_the_deployment_in_the_path_and_pins_the_api_version() {
+        let t = Target::for_endpoint(&endpoint(
+            "{name: a, provider: azure-openai, model: gpt-4o, baseUrl: 'https://res.openai.azure.com',
+              credential: {file: /k}, azure: {apiVersion: 2024-10-21}}",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t.uri("/chat/completions", Some("api-version=1999&x=1")).unwrap(),
+            "https://res.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&x=1"
+        );
+        assert_eq!(
+            t.uri("/files", None).unwrap(),
+            "https://res.openai.azure.com/openai/files?api-version=2024-10-21"
+        );
+    }
+
+    #[test]
+    fn mock_has_no_target() {
+        assert!(
+            Target::for_endpoint(&endpoint("{name: a, provider: mock, model: m}"))
+                .unwrap()
+                .is_none()
+        );
+    }
+}

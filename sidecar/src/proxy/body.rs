@@ -1,0 +1,250 @@
+//! Response bodies: frames are handed on one by one as they arrive (no buffering, no
+//! coalescing), with the endpoint's idle and total deadlines enforced on upstream bodies, and
+//! one log line written when the response ends, however it ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::log::{Outcome, RequestLog};
+use crate::error::ProxyError;
+use crate::provider::mock::MockStream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub enum BodyKind {
+    Full(Option<Bytes>),
+    Mock(MockStream),
+    Upstream(UpstreamBody),
+}
+
+impl BodyKind {
+    pub fn full(bytes: Bytes) -> Self {
+        Self::Full(Some(bytes))
+    }
+}
+
+/// What the app receives: a body plus the log line to write when it ends.
+pub struct ResponseBody {
+    kind: BodyKind,
+    log: Option<RequestLog>,
+}
+
+impl ResponseBody {
+    pub fn new(kind: BodyKind, log: RequestLog) -> Self {
+        Self {
+            kind,
+            log: Some(log),
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(log) = self.log.take() {
+            log.write(outcome);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped before its end: hyper gave up on the connection, i.e. the app went away.
+        self.finish(Outcome::ClientDisconnected);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(|never| match never {}))),
+                Poll::Pending => Poll::Pending,
+            },
+            BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(None) => this.finish(this.ended_outcome()),
+            Poll::Ready(Some(Err(_))) => this.finish(this.ended_outcome()),
+            // hyper stops polling once a body says it is at its end, so record it now.
+            Poll::Ready(Some(Ok(_))) if this.kind_is_end_stream() => {
+                this.finish(this.ended_outcome())
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kind_is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            BodyKind::Full(None) => SizeHint::with_exact(0),
+            BodyKind::Mock(m) => m.size_hint(),
+            BodyKind::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn kind_is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Full(bytes) => bytes.is_none(),
+            BodyKind::Mock(m) => m.is_end_stream(),
+            BodyKind::Upstream(u) => u.is_end_stream(),
+        }
+    }
+
+    fn ended_outcome(&self) -> Outcome {
+        match &self.kind {
+            BodyKind::Upstream(u) => u.failure.unwrap_or(Outcome::Completed),
+            _ => Outcome::Completed,
+        }
+    }
+}
+
+/// The body of an upstream response, with the idle-gap and total deadlines applied.
+///
+/// When the upstream fails or stalls mid-response, a Server-Sent Events stream is ended
+/// cleanly with a final error event in OpenAI's envelope (SDKs raise it as an APIError);
+/// any other body is cut off, so the app sees a truncated response rather than a
+/// well-formed but incomplete one.
+pub struct UpstreamBody {
+    inner: Incoming,
+    endpoint: String,
+    sse: bool,
+    idle: Duration,
+    deadline: Instant,
+    total_limit: Duration,
+    timer: Pin<Box<Sleep>>,
+    /// The last bytes forwarded, to know whether a partial SSE event must be closed first.
+    tail: [u8; 2],
+    finished: bool,
+    failure: Option<Outcome>,
+}
+
+impl UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        endpoint: &str,
+        sse: bool,
+        idle: Duration,
+        deadline: Instant,
+        total_limit: Duration,
+    ) -> Self {
+        let first_alarm = (Instant::now() + idle).min(deadline);
+        Self {
+            inner,
+            endpoint: endpoint.to_string(),
+            sse,
+            idle,
+            deadline,
+            total_limit,
+            timer: Box::pin(tokio::time::sleep_until(first_alarm)),
+            tail: *b"\n\n",
+            finished: false,
+            failure: None,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished || self.inner.is_end_stream()
+    }
+
+    fn fail(
+        &mut self,
+        error: ProxyError,
+        outcome: Outcome,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finished = true;
+        self.failure = Some(outcome);
+        tracing::warn!(endpoint = %self.endpoint, %error, "upstream response failed after it started");
+        if !self.sse {
+            return Poll::Ready(Some(Err(error.into())));
+        }
+        let event = error.sse_event();
+        let at_boundary = &self.tail == b"\n\n";
+        let mut bytes = Vec::with_capacity(event.len() + 2);
+        if !at_boundary {
+            bytes.extend_from_slice(b"\n\n");
+        }
+        bytes.extend_from_slice(&event);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    match data.len() {
+                        0 => {}
+                        1 => this.tail = [this.tail[1], data[0]],
+                        n => this.tail = [data[n - 2], data[n - 1]],
+                    }
+                }
+                let next_alarm = (Instant::now() + this.idle).min(this.deadline);
+                this.timer.as_mut().reset(next_alarm);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let error = ProxyError::UpstreamReset {
+                    endpoint: this.endpoint.clone(),
+                    reason: super::forward::root_cause(&e),
+                };
+                this.fail(error, Outcome::UpstreamFailed)
+            }
+            Poll::Ready(None) => {
+                this.finished = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let (what, limit) = if Instant::now() >= this.deadline {
+                    ("finish the response", this.total_limit)
+                } else {
+                    ("send the next chunk", this.idle)
+                };
+                let error = ProxyError::UpstreamTimeout {
+                    endpoint: this.endpoint.clone(),
+                    what,
+                    limit: crate::config::Duration::from_millis(limit.as_millis() as u64)
+                        .to_string(),
+                };
+                this.fail(error, Outcome::UpstreamTimedOut)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        UpstreamBody::is_end_stream(self)
+    }
+}

@@ -1,0 +1,236 @@
+//! Sending one request to an upstream provider: the app's headers minus anything that is
+//! hop-by-hop or a credential, the endpoint's key, and the first-byte and total deadlines.
+
+use std::error::Error as StdError;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::snapshot::{CredentialState, Endpoint, Upstream, UpstreamRequestBody};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// names under which apps and SDKs send keys: an app's own key never reaches a provider.
+const DROPPED_REQUEST_HEADERS: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::AUTHORIZATION,
+    // Providers' compressed answers would hide `usage` from the sidecar; on loopback to the
+    // app compression only costs CPU.
+    header::ACCEPT_ENCODING,
+];
+const DROPPED_REQUEST_HEADERS_BY_NAME: &[&str] =
+    &["keep-alive", "proxy-connection", "api-key", "x-api-key"];
+
+const DROPPED_RESPONSE_HEADERS: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+pub struct UpstreamCall<'a> {
+    pub endpoint: &'a Endpoint,
+    pub upstream: &'a Upstream,
+    pub parts: &'a Parts,
+    pub api_path: &'a str,
+    pub body: UpstreamRequestBody,
+    pub content_length: Option<u64>,
+    pub request_id: &'a HeaderValue,
+    /// When the whole call must be over (`timeouts.total` after it started).
+    pub deadline: Instant,
+}
+
+pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyError> {
+    let endpoint = call.endpoint.name();
+    let credential = match &call.upstream.credential {
+        CredentialState::Loaded(c) => Some(c),
+        CredentialState::NotConfigured => None,
+        CredentialState::Unavailable(source) => {
+            return Err(ProxyError::CredentialUnavailable {
+                endpoint: endpoint.to_string(),
+                source: source.clone(),
+            })
+        }
+    };
+    let uri = call
+        .upstream
+        .target
+        .uri(call.api_path, call.parts.uri.query())
+        .map_err(|e| ProxyError::UpstreamUnreachable {
+            endpoint: endpoint.to_string(),
+            reason: format!("cannot build the upstream URL: {e}"),
+        })?;
+
+    let mut headers = upstream_request_headers(&call.parts.headers);
+    if let Some(credential) = credential {
+        headers.insert(credential.header().clone(), credential.value().clone());
+    }
+    if let Some(len) = call.content_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    headers.insert(super::REQUEST_ID.clone(), call.request_id.clone());
+
+    let mut request = Request::new(call.body);
+    *request.method_mut() = call.parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+
+    let timeouts = &call.endpoint.config.timeouts;
+    let headers_deadline = (Instant::now() + timeouts.first_byte.get()).min(call.deadline);
+    let response = match tokio::time::timeout_at(
+        headers_deadline,
+        call.upstream.client.request(request),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => return Err(classify_send_error(call.endpoint, &error)),
+        Err(_elapsed) => {
+            let limit = if headers_deadline == call.deadline {
+                timeouts.total
+            } else {
+                timeouts.first_byte
+            };
+            return Err(ProxyError::UpstreamTimeout {
+                endpoint: endpoint.to_string(),
+                what: "send response headers",
+                limit: limit.to_string(),
+            });
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_response_headers(&mut parts.headers);
+    Ok(Response::from_parts(parts, body))
+}
+
+fn upstream_request_headers(app: &HeaderMap) -> HeaderMap {
+    // Headers the app lists in `Connection` are hop-by-hop too.
+    let connection_listed: Vec<String> = app
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(app.len() + 2);
+    for (name, value) in app {
+        let name_str = name.as_str();
+        let dropped = DROPPED_REQUEST_HEADERS.contains(name)
+            || DROPPED_REQUEST_HEADERS_BY_NAME.contains(&name_str)
+            || name_str.starts_with("x-llmesh-")
+            || connection_listed.iter().any(|c| c == name_str);
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn strip_response_headers(headers: &mut HeaderMap) {
+    for name in DROPPED_RESPONSE_HEADERS {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+}
+
+fn classify_send_error(
+    endpoint: &Endpoint,
+    error: &hyper_util::client::legacy::Error,
+) -> ProxyError {
+    if find_cause::<http_body_util::LengthLimitError>(error).is_some() {
+        // The app's streamed body outgrew the limit while it was being sent upstream.
+        return ProxyError::BodyTooLarge {
+            limit: endpoint.config.max_request_body_bytes,
+        };
+    }
+    let connect_timeout = endpoint.config.timeouts.connect;
+    let endpoint = endpoint.name();
+    let timed_out = find_cause::<std::io::Error>(error)
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+    if error.is_connect() && timed_out {
+        return ProxyError::UpstreamTimeout {
+            endpoint: endpoint.to_string(),
+            what: "accept the connection",
+            limit: connect_timeout.to_string(),
+        };
+    }
+    let reason = root_cause(error);
+    if error.is_connect() {
+        ProxyError::UpstreamUnreachable {
+            endpoint: endpoint.to_string(),
+            reason,
+        }
+    } else {
+        ProxyError::UpstreamReset {
+            endpoint: endpoint.to_string(),
+            reason,
+        }
+    }
+}
+
+fn find_cause<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// The innermost cause's message ("Connection refused (os error 111)"): the most telling
+/// part, and free of URLs and headers.
+pub fn root_cause(error: &(dyn StdError + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_keys_hop_by_hop_and_llmesh_headers() {
+        let mut app = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer sk-app"),
+            ("api-key", "app"),
+            ("x-api-key", "app"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-llmesh-endpoint", "chat"),
+            ("accept-encoding", "gzip"),
+            ("host", "127.0.0.1:4000"),
+            ("content-length", "10"),
+            ("content-type", "application/json"),
+            ("openai-organization", "org-1"),
+            ("x-stainless-lang", "python"),
+        ] {
+            app.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = upstream_request_headers(&app);
+        let mut kept: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            ["content-type", "openai-organization", "x-stainless-lang"]
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! Accept loops for the app and admin listeners, with graceful shutdown: stop accepting,
+//! let requests and streams in flight finish within the grace period.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::reload::SharedState;
+
+/// How long a client on the admin port (reachable from the pod network) may take to send
+/// its request headers.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve_app(
+    listener: TcpListener,
+    state: Arc<SharedState>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    // No header timeout on the app port: it is loopback only, and SDK connection pools
+    // legitimately keep idle connections open.
+    let builder = http1::Builder::new();
+    serve(listener, builder, shutdown, grace, "app", move |req| {
+        crate::proxy::handle(Arc::clone(&state), req)
+    })
+    .await;
+}
+
+pub async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<SharedState>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    serve(
+        listener,
+        builder,
+        shutdown,
+        Duration::from_secs(1),
+        "admin",
+        move |req| crate::admin::handle(Arc::clone(&state), req),
+    )
+    .await;
+}
+
+async fn serve<F, Fut, B>(
+    listener: TcpListener,
+    builder: http1::Builder,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    name: &'static str,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(listener = name, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let service = service_fn(move |req| {
+                    let response = handler(req);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(listener = name, %error, "connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!(listener = name, "all connections finished"),
+        () = tokio::time::sleep(grace) => tracing::warn!(listener = name, grace = ?grace, "grace period over; closing connections still open"),
+    }
+}

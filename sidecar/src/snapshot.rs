@@ -1,0 +1,229 @@
+//! The configuration in force: a validated config with its credentials loaded and an HTTP
+//! client per endpoint. Immutable; hot reload builds a new one and swaps it in whole, so a
+//! request holds one snapshot from start to end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+
+use crate::config::{EndpointConfig, LoadedConfig, MockConfig};
+use crate::credentials::{Credential, CredentialError};
+use crate::provider::{Target, TargetError};
+
+/// A request body sent upstream: rewritten JSON, or the app's body streamed through.
+pub type UpstreamRequestBody = Either<Full<Bytes>, Limited<hyper::body::Incoming>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
+
+/// Idle upstream connections are closed before typical provider load balancers (~120 s) do,
+/// so a pooled connection is rarely found dead when a request picks it.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct Snapshot {
+    pub config_hash: String,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    by_name: HashMap<String, usize>,
+    by_model: HashMap<String, usize>,
+    default: Option<usize>,
+}
+
+pub struct Endpoint {
+    pub config: EndpointConfig,
+    pub backend: Backend,
+}
+
+pub enum Backend {
+    Mock(MockConfig),
+    Upstream(Upstream),
+}
+
+pub struct Upstream {
+    pub target: Target,
+    pub client: HttpClient,
+    pub credential: CredentialState,
+}
+
+#[derive(Debug, Clone)]
+pub enum CredentialState {
+    /// The endpoint sends no key (an `openai-compatible` server without auth).
+    NotConfigured,
+    Loaded(Arc<Credential>),
+    Unavailable(CredentialError),
+}
+
+impl Endpoint {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Why this endpoint cannot serve requests now, if it cannot.
+    pub fn unavailable_reason(&self) -> Option<&CredentialError> {
+        match &self.backend {
+            Backend::Upstream(Upstream {
+                credential: CredentialState::Unavailable(e),
+                ..
+            }) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn credential(&self) -> Option<&Arc<Credential>> {
+        match &self.backend {
+            Backend::Upstream(Upstream {
+                credential: CredentialState::Loaded(c),
+                ..
+            }) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a validated config, reading credential files now.
+    ///
+    /// `previous` lends its HTTP clients (so a reload keeps warm upstream connections) and its
+    /// credentials: a key file that disappears or empties keeps the last good key in use
+    /// rather than failing every request.
+    pub fn build(
+        loaded: &LoadedConfig,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, SnapshotError> {
+        let mut endpoints = Vec::with_capacity(loaded.config.endpoints.len());
+        for config in &loaded.config.endpoints {
+            let previous_endpoint = previous.and_then(|p| p.by_name(&config.name));
+            let backend = match Target::for_endpoint(config)? {
+                None => Backend::Mock(config.mock.unwrap_or_default()),
+                Some(target) => Backend::Upstream(Upstream {
+                    target,
+                    client: reuse_or_build_client(config, previous_endpoint),
+                    credential: load_credential(config, previous_endpoint),
+                }),
+            };
+            endpoints.push(Arc::new(Endpoint {
+                config: config.clone(),
+                backend,
+            }));
+        }
+        let mut by_name = HashMap::new();
+        let mut by_model = HashMap::new();
+        let mut default = None;
+        for (i, e) in endpoints.iter().enumerate() {
+            by_name.insert(e.config.name.clone(), i);
+            by_model.insert(e.config.name.clone(), i);
+            for alias in &e.config.aliases {
+                by_model.insert(alias.clone(), i);
+            }
+            if e.config.default {
+                default = Some(i);
+            }
+        }
+        Ok(Self {
+            config_hash: loaded.hash.clone(),
+            endpoints,
+            by_name,
+            by_model,
+            default,
+        })
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Endpoint>> {
+        self.by_name.get(name).map(|&i| &self.endpoints[i])
+    }
+
+    /// The endpoint whose name or alias is `model`.
+    pub fn by_model(&self, model: &str) -> Option<&Arc<Endpoint>> {
+        self.by_model.get(model).map(|&i| &self.endpoints[i])
+    }
+
+    pub fn default_endpoint(&self) -> Option<&Arc<Endpoint>> {
+        self.default.map(|i| &self.endpoints[i])
+    }
+
+    /// True when every endpoint can serve (has its credential if it needs one).
+    pub fn is_ready(&self) -> bool {
+        self.endpoints
+            .iter()
+            .all(|e| e.unavailable_reason().is_none())
+    }
+
+    /// A digest of every endpoint's credential state, so the reloader can tell a rotation (or a
+    /// key appearing) from no change.
+    pub fn credentials_digest(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        for e in &self.endpoints {
+            hasher.update(e.name().as_bytes());
+            match (e.credential(), e.unavailable_reason()) {
+                (Some(c), _) => hasher.update(c.fingerprint().as_bytes()),
+                (None, Some(error)) => hasher.update(error.to_string().as_bytes()),
+                (None, None) => hasher.update(b"-"),
+            }
+        }
+        hasher.finalize().into()
+    }
+}
+
+fn reuse_or_build_client(config: &EndpointConfig, previous: Option<&Arc<Endpoint>>) -> HttpClient {
+    if let Some(prev) = previous {
+        if let Backend::Upstream(up) = &prev.backend {
+            if prev.config.timeouts.connect == config.timeouts.connect {
+                return up.client.clone();
+            }
+        }
+    }
+    build_client(config.timeouts.connect.get())
+}
+
+fn build_client(connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(https)
+}
+
+fn load_credential(config: &EndpointConfig, previous: Option<&Arc<Endpoint>>) -> CredentialState {
+    let Some(cred_config) = &config.credential else {
+        return CredentialState::NotConfigured;
+    };
+    match Credential::load(cred_config, config.provider) {
+        Ok(c) => CredentialState::Loaded(Arc::new(c)),
+        Err(error) => {
+            let last_good = previous
+                .and_then(|p| p.credential())
+                .filter(|c| c.file() == cred_config.file);
+            match last_good {
+                Some(c) => {
+                    tracing::warn!(
+                        endpoint = %config.name,
+                        %error,
+                        fingerprint = c.fingerprint(),
+                        "credential file became unusable; keeping the last good key"
+                    );
+                    CredentialState::Loaded(Arc::clone(c))
+                }
+                None => CredentialState::Unavailable(error),
+            }
+        }
+    }
+}
