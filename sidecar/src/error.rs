@@ -37,6 +37,10 @@ pub enum ProxyError {
     UpstreamUnreachable { endpoint: String, reason: String },
     #[error("Endpoint '{endpoint}': upstream closed the connection before responding: {reason}")]
     UpstreamReset { endpoint: String, reason: String },
+    #[error(
+        "Endpoint '{endpoint}': upstream connection failed in the middle of the response: {reason}"
+    )]
+    UpstreamBrokeMidResponse { endpoint: String, reason: String },
     #[error("Endpoint '{endpoint}': upstream did not {what} within {limit}.")]
     UpstreamTimeout {
         endpoint: String,
@@ -72,9 +76,9 @@ impl ProxyError {
             | Self::UnknownRoute { .. }
             | Self::NotImplementedByMock(_) => StatusCode::NOT_FOUND,
             Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable { .. } | Self::UpstreamReset { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamReset { .. }
+            | Self::UpstreamBrokeMidResponse { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -102,6 +106,7 @@ impl ProxyError {
             Self::CredentialUnavailable { .. } => "credential_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamReset { .. } => "upstream_reset",
+            Self::UpstreamBrokeMidResponse { .. } => "upstream_stream_broken",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }

@@ -41,7 +41,7 @@ pub struct Endpoint {
 
 pub enum Backend {
     Mock(MockConfig),
-    Upstream(Upstream),
+    Upstream(Box<Upstream>),
 }
 
 pub struct Upstream {
@@ -66,21 +66,21 @@ impl Endpoint {
     /// Why this endpoint cannot serve requests now, if it cannot.
     pub fn unavailable_reason(&self) -> Option<&CredentialError> {
         match &self.backend {
-            Backend::Upstream(Upstream {
-                credential: CredentialState::Unavailable(e),
-                ..
-            }) => Some(e),
-            _ => None,
+            Backend::Upstream(upstream) => match &upstream.credential {
+                CredentialState::Unavailable(e) => Some(e),
+                _ => None,
+            },
+            Backend::Mock(_) => None,
         }
     }
 
     pub fn credential(&self) -> Option<&Arc<Credential>> {
         match &self.backend {
-            Backend::Upstream(Upstream {
-                credential: CredentialState::Loaded(c),
-                ..
-            }) => Some(c),
-            _ => None,
+            Backend::Upstream(upstream) => match &upstream.credential {
+                CredentialState::Loaded(c) => Some(c),
+                _ => None,
+            },
+            Backend::Mock(_) => None,
         }
     }
 }
@@ -106,11 +106,11 @@ impl Snapshot {
             let previous_endpoint = previous.and_then(|p| p.by_name(&config.name));
             let backend = match Target::for_endpoint(config)? {
                 None => Backend::Mock(config.mock.unwrap_or_default()),
-                Some(target) => Backend::Upstream(Upstream {
+                Some(target) => Backend::Upstream(Box::new(Upstream {
                     target,
                     client: reuse_or_build_client(config, previous_endpoint),
                     credential: load_credential(config, previous_endpoint),
-                }),
+                })),
             };
             endpoints.push(Arc::new(Endpoint {
                 config: config.clone(),

@@ -214,7 +214,7 @@ impl Body for UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let error = ProxyError::UpstreamReset {
+                let error = ProxyError::UpstreamBrokeMidResponse {
                     endpoint: this.endpoint.clone(),
                     reason: super::forward::root_cause(&e),
                 };

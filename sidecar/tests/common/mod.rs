@@ -1,0 +1,188 @@
+//! Starts the real `llmesh-sidecar` binary on free loopback ports, with JSON logs captured.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_llmesh-sidecar");
+
+pub struct Sidecar {
+    child: Child,
+    pub app: SocketAddr,
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub dir: TempDir,
+}
+
+impl Sidecar {
+    /// Writes `config_yaml` to `config.yaml` in a new temp dir and starts the sidecar on it.
+    pub fn start(config_yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, config_yaml).expect("write config");
+        Self::start_with(dir, &["--config", path.to_str().expect("utf-8 path")])
+    }
+
+    /// Starts the sidecar with `args` (plus test ports and JSON logs); `dir` lives as long as it.
+    pub fn start_with(dir: TempDir, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--reload-interval",
+                "100ms",
+                "--shutdown-grace",
+                "10s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start llmesh-sidecar");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let _ = tx.send((
+                            v["app"].as_str().map(str::to_string),
+                            v["admin"].as_str().map(str::to_string),
+                        ));
+                    }
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let (app, admin) = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok((Some(app), Some(admin))) => (
+                app.parse().expect("app addr"),
+                admin.parse().expect("admin addr"),
+            ),
+            _ => {
+                let _ = child.kill();
+                let logs = logs.lock().expect("log lock").join("\n");
+                panic!("sidecar did not start listening:\n{logs}");
+            }
+        };
+        Self {
+            child,
+            app,
+            admin,
+            logs,
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.app)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("log lock").join("\n")
+    }
+
+    /// The JSON log lines whose `message` is `message`.
+    pub fn log_events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.logs
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal_term(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces a file the way editors and `kubectl cp` do: write aside, then rename over it.
+pub fn replace_file(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, content).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -1,0 +1,36 @@
+//! The fake upstream as a process, for benchmarks and the Python SDK tests.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use llmesh_testkit::{FakeUpstream, Options};
+
+#[derive(Parser)]
+struct Cli {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Approximate size of a non-streamed completion body.
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// Worker threads (the load generator and the proxy under test need the other cores).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let options = Options {
+            body_bytes: cli.body_bytes,
+            record: false,
+        };
+        let upstream = FakeUpstream::start_on(cli.listen, options).await?;
+        println!("listening on {}", upstream.addr());
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
+}
