@@ -11,8 +11,14 @@ fn repo_file(path: &str) -> std::path::PathBuf {
 
 #[test]
 fn committed_schemas_match_the_types() {
-    for (kind, file) in [("config", "docs/config.schema.json"), ("endpoint", "docs/endpoint.schema.json")] {
-        let out = Command::new(common::BIN).args(["--print-schema", kind]).output().unwrap();
+    for (kind, file) in [
+        ("config", "docs/config.schema.json"),
+        ("endpoint", "docs/endpoint.schema.json"),
+    ] {
+        let out = Command::new(common::BIN)
+            .args(["--print-schema", kind])
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let committed = std::fs::read_to_string(repo_file(file)).unwrap();
         assert!(
@@ -30,7 +36,11 @@ fn example_configs_are_valid() {
             .arg(repo_file(example))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
     }
 }
