@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Sidecar benchmark: direct to the fake upstream vs. through llmesh vs. through nginx.
+
+Everything runs on loopback. Each round runs every scenario against the three targets
+back to back (order rotated per round), so the targets share the machine's conditions and
+are compared side by side. The script reports added latency (target minus direct in the
+same round), throughput, CPU seconds per 10k requests and peak RSS of each proxy.
+
+Used by bench/run.sh, which installs the tools and builds the release binaries first.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RELEASE = ROOT / "target" / "release"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = 1  # VmRSS and VmHWM are reported in kB already
+KEY = "sk-bench-not-a-real-key"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def proc_tree(pid):
+    """The pid and its children (nginx workers)."""
+    pids = [pid]
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    except FileNotFoundError:
+        pass
+    return pids
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError):
+            pass
+    return total / CLK_TCK
+
+
+def memory_kb(pid, field):
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            for line in pathlib.Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Target:
+    def __init__(self, name, url, pid=None):
+        self.name = name
+        self.url = url
+        self.pid = pid
+
+
+def start_fake_upstream(port):
+    proc = subprocess.Popen(
+        [str(RELEASE / "llmesh-fake-upstream"), "--listen", f"127.0.0.1:{port}", "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc
+
+
+def start_sidecar(tmp, upstream_port, port, admin_port):
+    key = tmp / "key"
+    key.write_text(KEY)
+    config = tmp / "llmesh.yaml"
+    config.write_text(
+        f"""endpoints:
+  - name: chat
+    provider: openai-compatible
+    baseUrl: http://127.0.0.1:{upstream_port}/v1
+    model: upstream-model
+    default: true
+    credential: {{file: {key}}}
+"""
+    )
+    log = open(tmp / "llmesh.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(RELEASE / "llmesh-sidecar"),
+            "--config", str(config),
+            "--listen", f"127.0.0.1:{port}",
+            "--admin-listen", f"127.0.0.1:{admin_port}",
+            "--log-format", "json",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    wait_port(port)
+    return proc
+
+
+def start_nginx(tmp, upstream_port, port):
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes auto;
+daemon off;
+user root;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {tmp}/nginx-access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 32m;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {KEY}";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def run_oha(oha, url, body_file, seconds, connections, rate):
+    args = [
+        oha, url, "-z", f"{seconds}s", "-c", str(connections), "-m", "POST",
+        "-H", "content-type: application/json", "-D", str(body_file),
+        "--no-tui", "--output-format", "json",
+    ]
+    if rate:
+        args += ["-q", str(rate), "--latency-correction"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def summarize_oha(raw):
+    pct = raw["latencyPercentiles"]
+    codes = raw.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    total = sum(codes.values())
+    return {
+        "p50_ms": pct["p50"] * 1000,
+        "p99_ms": pct["p99"] * 1000,
+        "rps": raw["summary"]["requestsPerSec"],
+        "requests": total,
+        "ok": ok,
+        "errors": sum(raw.get("errorDistribution", {}).values()),
+    }
+
+
+def run_stream_bench(url, streams, chunks, interval_ms):
+    out = subprocess.run(
+        [str(RELEASE / "llmesh-stream-bench"), "--url", url, "--streams", str(streams),
+         "--chunks", str(chunks), "--interval-ms", str(interval_ms)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--oha", required=True)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rates", default="500,2000,0", help="0 means unlimited")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
+    body_file = tmp / "body.json"
+    body_file.write_text(json.dumps({
+        "model": "chat",
+        "messages": [{"role": "user", "content": "x" * 900}],
+        "max_tokens": 64,
+    }))
+    up_port, sc_port, sc_admin, ng_port = free_port(), free_port(), free_port(), free_port()
+    procs = []
+    try:
+        upstream = start_fake_upstream(up_port)
+        procs.append(upstream)
+        sidecar = start_sidecar(tmp, up_port, sc_port, sc_admin)
+        procs.append(sidecar)
+        nginx = start_nginx(tmp, up_port, ng_port)
+        procs.append(nginx)
+        time.sleep(0.5)
+        idle_rss = {"llmesh": memory_kb(sidecar.pid, "VmRSS"), "nginx": memory_kb(nginx.pid, "VmRSS")}
+        path = "/v1/chat/completions"
+        targets = [
+            Target("direct", f"http://127.0.0.1:{up_port}{path}"),
+            Target("llmesh", f"http://127.0.0.1:{sc_port}{path}", sidecar.pid),
+            Target("nginx", f"http://127.0.0.1:{ng_port}{path}", nginx.pid),
+        ]
+        load_before = pathlib.Path("/proc/loadavg").read_text().split()[:3]
+        rates = [int(r) for r in args.rates.split(",")]
+        results = {"rates": {}, "streaming": {}}
+        for rnd in range(args.rounds):
+            order = targets[rnd % 3:] + targets[:rnd % 3]
+            for rate in rates:
+                for t in order:
+                    cpu0 = cpu_seconds(t.pid) if t.pid else 0
+                    raw = run_oha(args.oha, t.url, body_file, args.seconds, args.connections, rate)
+                    s = summarize_oha(raw)
+                    if t.pid:
+                        s["cpu_s_per_10k"] = (cpu_seconds(t.pid) - cpu0) / max(s["requests"], 1) * 10_000
+                    results["rates"].setdefault(str(rate), {}).setdefault(t.name, []).append(s)
+                    print(f"round {rnd} rate {rate or 'max'} {t.name}: {json.dumps(s)}", file=sys.stderr)
+            for t in order:
+                r = run_stream_bench(t.url, 100, 200, 5)
+                results["streaming"].setdefault(t.name, []).append(r)
+                print(f"round {rnd} streaming {t.name}: {json.dumps(r)}", file=sys.stderr)
+        peak_rss = {"llmesh": memory_kb(sidecar.pid, "VmHWM"), "nginx": memory_kb(nginx.pid, "VmHWM")}
+        load_after = pathlib.Path("/proc/loadavg").read_text().split()[:3]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    report = build_report(results, idle_rss, peak_rss, load_before, load_after, args)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps({"raw": results, "report": report}, indent=2))
+    print(render(report))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_report(results, idle_rss, peak_rss, load_before, load_after, args):
+    report = {
+        "machine": {"cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "settings": {"seconds": args.seconds, "rounds": args.rounds, "connections": args.connections},
+        "memory_kb": {"idle_rss": idle_rss, "peak_rss": peak_rss},
+        "rates": {},
+        "streaming": {},
+    }
+    for rate, by_target in results["rates"].items():
+        direct = by_target["direct"]
+        row = {"direct": {"p50_ms": med(direct, "p50_ms"), "p99_ms": med(direct, "p99_ms"), "rps": med(direct, "rps")}}
+        for name in ("llmesh", "nginx"):
+            runs = by_target[name]
+            # Added latency: the proxy's percentile minus direct's, paired within each round.
+            row[name] = {
+                "added_p50_ms": statistics.median(r["p50_ms"] - d["p50_ms"] for r, d in zip(runs, direct)),
+                "added_p99_ms": statistics.median(r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct)),
+                "rps": med(runs, "rps"),
+                "cpu_s_per_10k": med(runs, "cpu_s_per_10k"),
+                "non_2xx_or_errors": sum(r["requests"] - r["ok"] + r["errors"] for r in runs),
+            }
+        report["rates"][rate] = row
+    for name, runs in results["streaming"].items():
+        report["streaming"][name] = {
+            "ttft_p50_ms": statistics.median(r["ttft_ms"]["p50"] for r in runs),
+            "ttft_p99_ms": statistics.median(r["ttft_ms"]["p99"] for r in runs),
+            "completed": min(r["completed"] for r in runs),
+            "events": min(r["events"] for r in runs),
+            "frames_with_several_events": max(r["frames_with_several_events"] for r in runs),
+        }
+    return report
+
+
+def med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def render(report):
+    lines = []
+    m = report["memory_kb"]
+    lines.append(f"load average before {report['machine']['loadavg_before']}, after {report['machine']['loadavg_after']}")
+    lines.append("")
+    lines.append("| rate | proxy | added p50 (ms) | added p99 (ms) | throughput (req/s) | CPU s / 10k req | failed |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for rate, row in report["rates"].items():
+        label = "unlimited" if rate == "0" else f"{rate}/s"
+        d = row["direct"]
+        lines.append(f"| {label} | direct | p50 {d['p50_ms']:.3f} | p99 {d['p99_ms']:.3f} | {d['rps']:.0f} | | |")
+        for name in ("llmesh", "nginx"):
+            r = row[name]
+            lines.append(
+                f"| {label} | {name} | {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['rps']:.0f} "
+                f"| {r['cpu_s_per_10k']:.3f} | {r['non_2xx_or_errors']} |"
+            )
+    lines.append("")
+    lines.append(f"idle RSS: llmesh {m['idle_rss']['llmesh'] / 1024:.1f} MiB, nginx {m['idle_rss']['nginx'] / 1024:.1f} MiB (master + workers)")
+    lines.append(f"peak RSS: llmesh {m['peak_rss']['llmesh'] / 1024:.1f} MiB, nginx {m['peak_rss']['nginx'] / 1024:.1f} MiB")
+    lines.append("")
+    lines.append("| streaming (100 × 200 chunks @ 5 ms) | TTFT p50 (ms) | TTFT p99 (ms) | completed | events | frames with >1 event |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for name, s in report["streaming"].items():
+        lines.append(
+            f"| {name} | {s['ttft_p50_ms']:.2f} | {s['ttft_p99_ms']:.2f} | {s['completed']} | {s['events']} | {s['frames_with_several_events']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
