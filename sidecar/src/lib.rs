@@ -10,3 +10,4 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod snapshot;
+pub mod upstream_client;

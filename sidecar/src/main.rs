@@ -41,6 +41,10 @@ struct Cli {
     /// How long requests and streams in flight may take to finish after SIGTERM.
     #[arg(long, env = "LLMESH_SHUTDOWN_GRACE", default_value = "30s")]
     shutdown_grace: config::Duration,
+    /// Threads serving the app port, each with its own connections and upstream pool.
+    /// Defaults to the CPUs this process may use (its cgroup quota included).
+    #[arg(long, env = "LLMESH_WORKERS")]
+    workers: Option<usize>,
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     check: bool,
@@ -93,66 +97,94 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("llmesh")
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli, source, loaded, snapshot))
+    run(cli, source, loaded, snapshot)
 }
 
-async fn run(
+/// Worker threads serve the app port, each on its own single-threaded runtime; the main
+/// thread's runtime runs what is not on the data path: signals, reload, the admin port.
+fn run(
     cli: Cli,
     source: ConfigSource,
     loaded: config::LoadedConfig,
     snapshot: Snapshot,
 ) -> anyhow::Result<()> {
     let state = SharedState::new(snapshot);
-    let app_listener = TcpListener::bind(cli.listen)
-        .await
+    let workers = cli
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let app_listeners = server::bind_app_listeners(cli.listen, workers)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
-    let admin_listener = TcpListener::bind(cli.admin_listen)
-        .await
+    let app_addr = app_listeners[0].local_addr()?;
+    let admin_listener = std::net::TcpListener::bind(cli.admin_listen)
         .with_context(|| format!("cannot listen on {} (admin)", cli.admin_listen))?;
-    tracing::info!(
-        app = %app_listener.local_addr()?,
-        admin = %admin_listener.local_addr()?,
-        config = %source.path().display(),
-        config_hash = %loaded.hash,
-        endpoints = state.snapshot().endpoints.len(),
-        ready = state.snapshot().is_ready(),
-        "listening"
-    );
-
-    let reloader = Reloader::new(source, state.clone(), loaded);
-    tokio::spawn(reloader.run(cli.reload_interval.get()));
+    admin_listener.set_nonblocking(true)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (admin_shutdown_tx, admin_shutdown_rx) = watch::channel(false);
-    let admin = tokio::spawn(server::serve_admin(
-        admin_listener,
-        state.clone(),
-        admin_shutdown_rx,
-    ));
-    let app = tokio::spawn(server::serve_app(
-        app_listener,
-        state.clone(),
-        shutdown_rx,
-        cli.shutdown_grace.get(),
-    ));
+    let grace = cli.shutdown_grace.get();
+    let mut worker_threads = Vec::with_capacity(workers);
+    for (i, listener) in app_listeners.into_iter().enumerate() {
+        let state = state.clone();
+        let shutdown = shutdown_rx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("llmesh-worker-{i}"))
+            .spawn(move || -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    server::serve_app(listener, state, shutdown, grace).await;
+                    Ok(())
+                })
+            })
+            .context("cannot start a worker thread")?;
+        worker_threads.push(thread);
+    }
 
-    wait_for_signal().await?;
-    tracing::info!(grace = %cli.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
-    state.start_draining();
-    let _ = shutdown_tx.send(true);
-    // The admin port stays up (reporting "draining") until the data path is done.
-    let _ = app.await;
-    let _ = admin_shutdown_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
-    tracing::info!("stopped");
-    Ok(())
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    control.block_on(async move {
+        let admin_listener = TcpListener::from_std(admin_listener)?;
+        tracing::info!(
+            app = %app_addr,
+            admin = %admin_listener.local_addr()?,
+            workers,
+            config = %source.path().display(),
+            config_hash = %loaded.hash,
+            endpoints = state.snapshot().endpoints.len(),
+            ready = state.snapshot().is_ready(),
+            "listening"
+        );
+        let reloader = Reloader::new(source, state.clone(), loaded);
+        tokio::spawn(reloader.run(cli.reload_interval.get()));
+        let (admin_shutdown_tx, admin_shutdown_rx) = watch::channel(false);
+        let admin = tokio::spawn(server::serve_admin(admin_listener, state.clone(), admin_shutdown_rx));
+
+        wait_for_signal().await?;
+        tracing::info!(grace = %cli.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
+        state.start_draining();
+        let _ = shutdown_tx.send(true);
+        // The admin port stays up (reporting "draining") until the data path is done.
+        let joined = tokio::task::spawn_blocking(move || {
+            worker_threads.into_iter().map(|t| t.join()).collect::<Vec<_>>()
+        })
+        .await?;
+        for result in joined {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "worker failed"),
+                Err(_) => tracing::error!("worker panicked"),
+            }
+        }
+        let _ = admin_shutdown_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
 }
-
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,35 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::reload::SharedState;
+
+/// One listening socket per worker thread on the same address (`SO_REUSEPORT`): the kernel
+/// spreads new connections over the workers, and each worker's accept loop, connections
+/// and upstream pool stay on its own thread, as in nginx's worker model.
+///
+/// Port 0 is resolved by the first bind and the others join that port.
+pub fn bind_app_listeners(
+    addr: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(workers);
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
 
 /// How long a client on the admin port (reachable from the pod network) may take to send
 /// its request headers.

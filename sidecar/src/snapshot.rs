@@ -1,30 +1,14 @@
-//! The configuration in force: a validated config with its credentials loaded and an HTTP
-//! client per endpoint. Immutable; hot reload builds a new one and swaps it in whole, so a
+//! The configuration in force: a validated config with its credentials loaded. Immutable; hot reload builds a new one and swaps it in whole, so a
 //! request holds one snapshot from start to end.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{Either, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 
 use crate::config::{EndpointConfig, LoadedConfig, MockConfig};
 use crate::credentials::{Credential, CredentialError};
 use crate::provider::{Target, TargetError};
-
-/// A request body sent upstream: rewritten JSON, or the app's body streamed through.
-pub type UpstreamRequestBody = Either<Full<Bytes>, Limited<hyper::body::Incoming>>;
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
-
-/// Idle upstream connections are closed before typical provider load balancers (~120 s) do,
-/// so a pooled connection is rarely found dead when a request picks it.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct Snapshot {
     pub config_hash: String,
@@ -46,7 +30,6 @@ pub enum Backend {
 
 pub struct Upstream {
     pub target: Target,
-    pub client: HttpClient,
     pub credential: CredentialState,
 }
 
@@ -94,9 +77,8 @@ pub enum SnapshotError {
 impl Snapshot {
     /// Builds a snapshot from a validated config, reading credential files now.
     ///
-    /// `previous` lends its HTTP clients (so a reload keeps warm upstream connections) and its
-    /// credentials: a key file that disappears or empties keeps the last good key in use
-    /// rather than failing every request.
+    /// `previous` lends its credentials: a key file that disappears or empties keeps the last
+    /// good key in use rather than failing every request.
     pub fn build(
         loaded: &LoadedConfig,
         previous: Option<&Snapshot>,
@@ -108,7 +90,6 @@ impl Snapshot {
                 None => Backend::Mock(config.mock.unwrap_or_default()),
                 Some(target) => Backend::Upstream(Box::new(Upstream {
                     target,
-                    client: reuse_or_build_client(config, previous_endpoint),
                     credential: load_credential(config, previous_endpoint),
                 })),
             };
@@ -173,33 +154,6 @@ impl Snapshot {
         }
         hasher.finalize().into()
     }
-}
-
-fn reuse_or_build_client(config: &EndpointConfig, previous: Option<&Arc<Endpoint>>) -> HttpClient {
-    if let Some(prev) = previous {
-        if let Backend::Upstream(up) = &prev.backend {
-            if prev.config.timeouts.connect == config.timeouts.connect {
-                return up.client.clone();
-            }
-        }
-    }
-    build_client(config.timeouts.connect.get())
-}
-
-fn build_client(connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(https)
 }
 
 fn load_credential(config: &EndpointConfig, previous: Option<&Arc<Endpoint>>) -> CredentialState {

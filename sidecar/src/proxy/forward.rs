@@ -10,7 +10,8 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
-use crate::snapshot::{CredentialState, Endpoint, Upstream, UpstreamRequestBody};
+use crate::snapshot::{CredentialState, Endpoint, Upstream};
+use crate::upstream_client::{self, UpstreamRequestBody};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// names under which apps and SDKs send keys: an app's own key never reaches a provider.
@@ -89,12 +90,8 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
 
     let timeouts = &call.endpoint.config.timeouts;
     let headers_deadline = (Instant::now() + timeouts.first_byte.get()).min(call.deadline);
-    let response = match tokio::time::timeout_at(
-        headers_deadline,
-        call.upstream.client.request(request),
-    )
-    .await
-    {
+    let client = upstream_client::for_connect_timeout(timeouts.connect.get());
+    let response = match tokio::time::timeout_at(headers_deadline, client.request(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => return Err(classify_send_error(call.endpoint, &error)),
         Err(_elapsed) => {
