@@ -42,10 +42,12 @@ fn chat_body(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5})
 }
 
-async fn error_of(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
+/// Asserts an error response in OpenAI's envelope and returns its body.
+async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
     let body: Value = response.json().await.expect("error body is JSON");
-    (status, body)
+    assert_eq!(body["error"]["code"], code, "{body}");
+    body
 }
 
 #[tokio::test]
@@ -180,9 +182,12 @@ async fn selects_endpoints_by_header_then_model_then_default() {
     let r = send("claude-9", None).await.unwrap();
     assert_eq!(r.headers()["x-llmesh-endpoint"], "fallback");
     // Unknown endpoint header: 404 in OpenAI's envelope.
-    let (status, body) = error_of(send("chat", Some("nope")).await.unwrap()).await;
-    assert_eq!(status, 404);
-    assert_eq!(body["error"]["code"], "endpoint_not_found");
+    expect_error(
+        send("chat", Some("nope")).await.unwrap(),
+        404,
+        "endpoint_not_found",
+    )
+    .await;
     assert_eq!(
         upstream.requests().len(),
         2,
@@ -220,18 +225,16 @@ async fn lists_and_retrieves_models_from_the_config() {
         .unwrap();
     assert_eq!(one["id"], "gpt-4o-mini");
     assert_eq!(one["object"], "model");
-    let (status, body) = error_of(
+    expect_error(
         client()
             .get(sidecar.url("/v1/models/none"))
             .send()
             .await
             .unwrap(),
+        404,
+        "model_not_found",
     )
     .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("model_not_found"))
-    );
     assert!(
         upstream.requests().is_empty(),
         "models are answered from the config"
@@ -243,12 +246,12 @@ async fn passes_other_v1_paths_through_to_the_default_endpoint() {
     let upstream = FakeUpstream::start().await.unwrap();
     let sidecar = sidecar_for(&upstream, "");
     // No default endpoint and no header: the sidecar cannot choose.
-    let (status, body) =
-        error_of(client().get(sidecar.url("/v1/files")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("model_required"))
-    );
+    expect_error(
+        client().get(sidecar.url("/v1/files")).send().await.unwrap(),
+        400,
+        "model_required",
+    )
+    .await;
 
     let r = client()
         .post(sidecar.url("/v1/files?purpose=batch"))
@@ -283,47 +286,43 @@ async fn answers_bad_requests_with_openai_errors() {
             .send()
     };
 
-    let (status, body) = error_of(post(b"{\"model\": \"chat\", ".to_vec()).await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("invalid_json"))
-    );
+    let body = expect_error(
+        post(b"{\"model\": \"chat\", ".to_vec()).await.unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
-    let (status, body) = error_of(post(b"[1, 2]".to_vec()).await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("invalid_body"))
-    );
+    expect_error(post(b"[1, 2]".to_vec()).await.unwrap(), 400, "invalid_body").await;
 
-    let (status, body) = error_of(
+    let body = expect_error(
         post(serde_json::to_vec(&chat_body("gpt-5-nonexistent")).unwrap())
             .await
             .unwrap(),
+        404,
+        "model_not_found",
     )
     .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("model_not_found"))
-    );
     assert!(body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("gpt-5-nonexistent"));
 
     let big = json!({"model": "chat", "messages": [{"role": "user", "content": "x".repeat(5000)}]});
-    let (status, body) = error_of(post(serde_json::to_vec(&big).unwrap()).await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("request_too_large"))
-    );
+    expect_error(
+        post(serde_json::to_vec(&big).unwrap()).await.unwrap(),
+        413,
+        "request_too_large",
+    )
+    .await;
 
-    let (status, body) =
-        error_of(client().get(sidecar.url("/healthz")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("unknown_url"))
-    );
+    expect_error(
+        client().get(sidecar.url("/healthz")).send().await.unwrap(),
+        404,
+        "unknown_url",
+    )
+    .await;
 
     assert!(
         upstream.requests().is_empty(),
@@ -368,21 +367,19 @@ async fn maps_upstream_failures_to_502_and_504() {
 "
         ),
     );
-    let (status, body) = error_of(
+    expect_error(
         client()
             .post(sidecar.url("/v1/chat/completions"))
             .json(&chat_body("gone"))
             .send()
             .await
             .unwrap(),
+        502,
+        "upstream_unreachable",
     )
     .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (502, Some("upstream_unreachable"))
-    );
 
-    let (status, body) = error_of(
+    expect_error(
         client()
             .post(sidecar.url("/v1/chat/completions"))
             .header(directives::DROP_CONNECTION, "1")
@@ -390,12 +387,10 @@ async fn maps_upstream_failures_to_502_and_504() {
             .send()
             .await
             .unwrap(),
+        502,
+        "upstream_reset",
     )
     .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (502, Some("upstream_reset"))
-    );
 
     let started = std::time::Instant::now();
     let response = client()
@@ -406,11 +401,7 @@ async fn maps_upstream_failures_to_502_and_504() {
         .await
         .unwrap();
     let elapsed = started.elapsed();
-    let (status, body) = error_of(response).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (504, Some("upstream_timeout"))
-    );
+    let body = expect_error(response, 504, "upstream_timeout").await;
     assert_eq!(
         body["error"]["message"],
         "Endpoint 'chat': upstream did not send response headers within 300ms."
@@ -495,19 +486,17 @@ async fn mock_provider_serves_every_api_without_network() {
     assert_eq!(emb["data"].as_array().unwrap().len(), 3);
     assert_eq!(emb["data"][2]["embedding"].as_array().unwrap().len(), 4);
 
-    let (status, body) = error_of(
+    expect_error(
         client()
             .post(sidecar.url("/v1/responses"))
             .json(&json!({"model": "chat", "input": "hi"}))
             .send()
             .await
             .unwrap(),
+        404,
+        "not_implemented",
     )
     .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("not_implemented"))
-    );
 }
 
 #[tokio::test]

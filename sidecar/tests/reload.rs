@@ -24,6 +24,12 @@ credential: {{file: {}}}
     )
 }
 
+/// A whole `--config` file with that one endpoint, plus `extra` endpoint fields.
+fn config_yaml(upstream: &FakeUpstream, model: &str, key_file: &Path, extra: &str) -> String {
+    let endpoint = endpoint_yaml(upstream, model, key_file).replace('\n', "\n    ");
+    format!("endpoints:\n  - {endpoint}{extra}\n")
+}
+
 async fn upstream_saw(sidecar: &Sidecar, upstream: &FakeUpstream) -> (String, String) {
     let r = client()
         .post(sidecar.url("/v1/chat/completions"))
@@ -55,12 +61,7 @@ async fn a_changed_config_is_used_and_a_broken_one_is_rejected() {
     let key = dir.path().join("key");
     std::fs::write(&key, "k1").unwrap();
     let config = dir.path().join("config.yaml");
-    let whole = |model: &str| {
-        format!(
-            "endpoints:\n  - {}",
-            endpoint_yaml(&upstream, model, &key).replace('\n', "\n    ")
-        )
-    };
+    let whole = |model: &str| config_yaml(&upstream, model, &key, "");
     std::fs::write(&config, whole("model-a")).unwrap();
     let sidecar = Sidecar::start_with(dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(upstream_saw(&sidecar, &upstream).await.0, "model-a");
@@ -209,14 +210,7 @@ async fn a_missing_key_makes_the_endpoint_unready_until_it_appears() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("not-yet");
     let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "endpoints:\n  - {}",
-            endpoint_yaml(&upstream, "m", &key).replace('\n', "\n    ")
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, config_yaml(&upstream, "m", &key, "")).unwrap();
     let sidecar = Sidecar::start_with(dir, &["--config", config.to_str().unwrap()]);
 
     let (status, ready) = readiness(&sidecar).await;
@@ -268,12 +262,8 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
     let key = dir.path().join("key");
     std::fs::write(&key, "k").unwrap();
     let config = dir.path().join("config.yaml");
-    let with_idle = |idle: &str| {
-        format!(
-            "endpoints:\n  - {}timeouts: {{idle: {idle}}}\n",
-            endpoint_yaml(&upstream, "m", &key).replace('\n', "\n    ")
-        )
-    };
+    let with_idle =
+        |idle: &str| config_yaml(&upstream, "m", &key, &format!("timeouts: {{idle: {idle}}}"));
     std::fs::write(&config, with_idle("5s")).unwrap();
     let sidecar = Sidecar::start_with(dir, &["--config", config.to_str().unwrap()]);
     let mut response = client()

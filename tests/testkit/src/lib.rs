@@ -258,16 +258,7 @@ async fn handle(
             "param": null,
             "code": format!("fake_{}", status.as_u16()),
         }});
-        let mut response = Response::new(full(body.to_string()));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            "content-type",
-            http::HeaderValue::from_static("application/json"),
-        );
-        response
-            .headers_mut()
-            .insert("x-fake-upstream", http::HeaderValue::from_static("1"));
-        return Ok(response);
+        return Ok(json_response(status, &body));
     }
     if let Some(chunks) = directive(&headers, directives::STREAM_CHUNKS) {
         return Ok(stream_response(&shared, &headers, &model, chunks));
@@ -292,14 +283,18 @@ fn completion_response(model: &str, body_bytes: usize) -> Response<FakeBody> {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
     });
+    json_response(StatusCode::OK, &body)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<FakeBody> {
     let mut response = Response::new(full(body.to_string()));
-    response.headers_mut().insert(
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
-    response
-        .headers_mut()
-        .insert("x-fake-upstream", http::HeaderValue::from_static("1"));
+    headers.insert("x-fake-upstream", http::HeaderValue::from_static("1"));
     response
 }
 
