@@ -108,19 +108,28 @@ impl RawConfig {
     }
 
     fn hash(&self) -> String {
-        let mut hasher = Sha256::new();
-        for (path, bytes) in &self.files {
+        config_hash(self.files.iter().map(|(path, bytes)| {
             let name = path
                 .file_name()
-                .map(|n| n.to_string_lossy())
+                .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            hasher.update((name.len() as u64).to_le_bytes());
-            hasher.update(name.as_bytes());
-            hasher.update((bytes.len() as u64).to_le_bytes());
-            hasher.update(bytes);
-        }
-        hex(&hasher.finalize())
+            (name, bytes.as_slice())
+        }))
     }
+}
+
+/// SHA-256 (hex) over config files' names and contents: what `/readyz` reports as
+/// `configHash`, and what the operator computes for the files it renders, so the two can
+/// be compared.
+pub fn config_hash<'a>(files: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, bytes) in files {
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    hex(&hasher.finalize())
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{Duration, ParseDurationError, DURATION_PATTERN};
 pub(crate) use load::hex as hex_digest;
-pub use load::{ConfigSource, LoadError, LoadedConfig, RawConfig};
-pub use validate::{ConfigError, ValidationErrors};
+pub use load::{config_hash, ConfigSource, LoadError, LoadedConfig, RawConfig};
+pub use validate::{validate, ConfigError, ValidationErrors};
 
 /// The whole configuration of one sidecar, as written in a single `--config` file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -1,0 +1,153 @@
+//! The `LlmEndpoint` custom resource (`llmesh.io/v1alpha1`).
+//!
+//! An LlmEndpoint is one model that apps in its namespace may call. Its spec is the
+//! sidecar's endpoint configuration (the sidecar crate's own types where they fit), the
+//! credential as a reference to a Secret key, and per-environment overrides.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use llmesh_sidecar::config::{AzureConfig, Duration, MockConfig, ProviderKind};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "llmesh.io",
+    version = "v1alpha1",
+    kind = "LlmEndpoint",
+    namespaced,
+    shortname = "llme",
+    status = "LlmEndpointStatus",
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".status.provider"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.model"}"#,
+    printcolumn = r#"{"name":"Environment","type":"string","jsonPath":".status.environment"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "One LLM endpoint that pods in this namespace may call through the llmesh sidecar."
+)]
+#[serde(rename_all = "camelCase")]
+// The flattened base's own rules do not survive flattening, so they are repeated here.
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.provider)", "message": "spec.provider is required"},
+    {"rule": "has(self.model)", "message": "spec.model is required"},
+    {
+        "rule": "!has(self.mock) || self.provider == 'mock'",
+        "message": "mock settings apply only to provider mock"
+    },
+    {
+        "rule": "!has(self.azure) || self.provider == 'azure-openai'",
+        "message": "azure settings apply only to provider azure-openai"
+    },
+    {
+        "rule": "self.provider != 'azure-openai' || has(self.azure)",
+        "message": "provider azure-openai needs azure.apiVersion"
+    }
+]))]
+pub struct LlmEndpointSpec {
+    /// The endpoint as every environment sees it, unless an environment overrides a field.
+    #[serde(flatten)]
+    pub base: EndpointSettings,
+    /// Overrides per environment (the namespace's `llmesh.io/environment` label), merged
+    /// field by field over the base, e.g. `dev: {provider: mock}` so that dev spends nothing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(env, env.matches('^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'))",
+        "message": "environment names are lowercase DNS labels, e.g. dev, test, prod"
+    }]))]
+    pub environments: BTreeMap<String, EndpointSettings>,
+}
+
+/// Endpoint fields. Every field is optional so that the same shape serves as base and as
+/// override; the base must set `provider` and `model` (a CEL rule on the spec says so).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.mock) || !has(self.provider) || self.provider == 'mock'",
+        "message": "mock settings apply only to provider mock"
+    },
+    {
+        "rule": "!has(self.azure) || !has(self.provider) || self.provider == 'azure-openai'",
+        "message": "azure settings apply only to provider azure-openai"
+    }
+]))]
+pub struct EndpointSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderKind>,
+    /// The provider's API base, e.g. `https://api.openai.com/v1` (OpenAI's is the default for `openai`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.startsWith('http://') || self.startsWith('https://')",
+        "message": "baseUrl must start with http:// or https://"
+    }]))]
+    pub base_url: Option<String>,
+    /// The model name sent upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub model: Option<String>,
+    /// Other names apps may use as `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aliases: Option<Vec<String>>,
+    /// Requests that name no known model go to this endpoint (one per namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<bool>,
+    /// The provider key: one key of a Secret in this namespace. Ignored for provider `mock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Send the key as the raw value of this header instead of the provider's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TimeoutSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_request_body_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<MockConfig>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Deadlines; unset fields keep the base's (or the sidecar's default).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeoutSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<Duration>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmEndpointStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The environment this endpoint was rendered for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// The provider and model in effect for that environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The sidecar reports the same hash on `/readyz` once it serves this rendering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}

@@ -1,0 +1,4 @@
+//! llmesh operator: turns `LlmEndpoint` resources into the configuration and secrets that
+//! the llmesh sidecar of each pod in the namespace reads.
+
+pub mod crd;

@@ -1,0 +1,143 @@
+//! The committed CRD matches the types, installs on a real API server, and the API server
+//! itself rejects invalid LlmEndpoints (schema and CEL rules).
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::CustomResourceExt;
+use llmesh_operator::crd::LlmEndpoint;
+use llmesh_testenv::ControlPlane;
+use serde_json::json;
+
+const CRD_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../crds/llmendpoints.llmesh.io.yaml"
+);
+
+#[test]
+fn committed_crd_matches_the_types() {
+    let committed = std::fs::read_to_string(CRD_FILE).unwrap();
+    let generated = serde_yaml_ng::to_string(&LlmEndpoint::crd()).unwrap();
+    assert!(
+        committed == generated,
+        "crds/llmendpoints.llmesh.io.yaml is out of date: run `cargo run -p llmesh-operator --bin crdgen > crds/llmendpoints.llmesh.io.yaml`"
+    );
+}
+
+async fn install_crd(plane: &ControlPlane) -> kube::Client {
+    let client = plane.client().await.unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd: CustomResourceDefinition =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(CRD_FILE).unwrap()).unwrap();
+    crds.patch(
+        "llmendpoints.llmesh.io",
+        &PatchParams::apply("llmesh-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(
+            crds,
+            "llmendpoints.llmesh.io",
+            conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .expect("the CRD became Established")
+    .unwrap();
+    client
+}
+
+/// Untyped, so that specs the Rust types would refuse still reach the API server.
+fn endpoint(name: &str, spec: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "llmesh.io/v1alpha1",
+        "kind": "LlmEndpoint",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_api_server_accepts_valid_and_rejects_invalid_endpoints() {
+    let plane = ControlPlane::shared().await;
+    let client = install_crd(plane).await;
+    let ns = plane.namespace("crd").await.unwrap();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, &ns, &ApiResource::erase::<LlmEndpoint>(&()));
+
+    let valid = endpoint(
+        "gpt-4o",
+        json!({
+            "provider": "openai",
+            "model": "gpt-4o",
+            "aliases": ["gpt-4o-latest"],
+            "secretRef": {"name": "openai", "key": "apiKey"},
+            "timeouts": {"firstByte": "2m", "idle": "90s"},
+            "environments": {
+                "dev": {"provider": "mock", "mock": {"tokenInterval": "20ms"}},
+                "prod": {"secretRef": {"name": "openai-prod", "key": "apiKey"}},
+            },
+        }),
+    );
+    let stored = api
+        .create(&PostParams::default(), &valid)
+        .await
+        .expect("a valid endpoint is stored");
+    let typed: LlmEndpoint = serde_json::from_value(serde_json::to_value(stored).unwrap()).unwrap();
+    assert_eq!(
+        typed.spec.environments["dev"].provider,
+        Some(llmesh_sidecar::config::ProviderKind::Mock)
+    );
+
+    let rejected = [
+        (json!({"provider": "openai"}), "spec.model is required"),
+        (json!({"model": "m"}), "spec.provider is required"),
+        (
+            json!({"provider": "claude", "model": "m"}),
+            "Unsupported value: \"claude\"",
+        ),
+        (
+            json!({"provider": "openai", "model": "m", "timeouts": {"idle": "5 minutes"}}),
+            "should match",
+        ),
+        (
+            json!({"provider": "openai", "model": "m", "mock": {}}),
+            "mock settings apply only to provider mock",
+        ),
+        (
+            json!({"provider": "azure-openai", "model": "m"}),
+            "provider azure-openai needs azure.apiVersion",
+        ),
+        (
+            json!({"provider": "openai", "model": "m", "baseUrl": "ftp://x"}),
+            "baseUrl must start with http",
+        ),
+        (
+            json!({"provider": "openai", "model": "m", "environments": {"Prod_1": {}}}),
+            "environment names are lowercase DNS labels",
+        ),
+        (
+            json!({"provider": "openai", "model": "m", "maxRequestBodyBytes": 0}),
+            "should be greater than or equal to 1",
+        ),
+    ];
+    for (i, (spec, expected)) in rejected.into_iter().enumerate() {
+        let err = api
+            .create(
+                &PostParams::default(),
+                &endpoint(&format!("bad-{i}"), spec.clone()),
+            )
+            .await
+            .expect_err(&format!("{spec} must be rejected"));
+        assert!(
+            err.to_string().contains(expected),
+            "{spec}: expected {expected:?} in {err}"
+        );
+    }
+}
