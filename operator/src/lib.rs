@@ -2,3 +2,4 @@
 //! the llmesh sidecar of each pod in the namespace reads.
 
 pub mod crd;
+pub mod render;

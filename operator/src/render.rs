@@ -1,0 +1,294 @@
+//! From an LlmEndpoint and an environment to exactly what the sidecar reads: one endpoint
+//! file (the sidecar's own `EndpointConfig`, validated by the sidecar's own rules) and the
+//! one Secret key to copy beside it. Pure: no API calls, so every rule is unit-tested.
+
+use std::path::PathBuf;
+
+use llmesh_sidecar::config::{
+    config_hash, validate, CredentialConfig, EndpointConfig, ProviderKind, SidecarConfig, Timeouts,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+};
+use serde_json::Value;
+
+use crate::crd::{EndpointSettings, LlmEndpointSpec, SecretKeyRef, TimeoutSettings};
+
+/// Where the injected sidecar mounts Secret `llmesh-<name>`: `<root>/<name>/<CREDENTIAL_KEY>`.
+pub const CREDENTIAL_MOUNT_ROOT: &str = "/var/run/secrets/llmesh";
+/// The key under which the provider key is stored in Secret `llmesh-<name>`.
+pub const CREDENTIAL_KEY: &str = "apiKey";
+/// The key of the rendered endpoint in ConfigMap `llmesh-<name>` (one file per endpoint,
+/// the sidecar's `--config-dir` layout).
+pub const CONFIG_FILE: &str = "endpoint.yaml";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendering {
+    pub environment: String,
+    pub config: EndpointConfig,
+    /// The content of [`CONFIG_FILE`].
+    pub yaml: String,
+    /// The hash the sidecar reports on `/readyz` once it serves this file.
+    pub config_hash: String,
+    /// The source Secret key to copy, when the endpoint needs a key in this environment.
+    pub secret: Option<SecretKeyRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("environment {environment}: {field} is not set (neither in spec nor in spec.environments.{environment})")]
+    Missing {
+        environment: String,
+        field: &'static str,
+    },
+    #[error("environment {environment}: the settings do not combine: {message}")]
+    Merge {
+        environment: String,
+        message: String,
+    },
+    #[error("environment {environment}: {message}")]
+    Invalid {
+        environment: String,
+        message: String,
+    },
+}
+
+/// The base settings with the environment's overrides merged over them, field by field
+/// (objects merge recursively; lists and values are replaced).
+pub fn merged_settings(
+    spec: &LlmEndpointSpec,
+    environment: &str,
+) -> Result<EndpointSettings, RenderError> {
+    let merge_error = |e: serde_json::Error| RenderError::Merge {
+        environment: environment.to_string(),
+        message: e.to_string(),
+    };
+    let Some(overrides) = spec.environments.get(environment) else {
+        return Ok(spec.base.clone());
+    };
+    let mut merged = serde_json::to_value(&spec.base).map_err(merge_error)?;
+    deep_merge(
+        &mut merged,
+        serde_json::to_value(overrides).map_err(merge_error)?,
+    );
+    serde_json::from_value(merged).map_err(merge_error)
+}
+
+fn deep_merge(base: &mut Value, overrides: Value) {
+    match (base, overrides) {
+        (Value::Object(base), Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                match base.get_mut(&key) {
+                    Some(existing) => deep_merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, value) => *base = value,
+    }
+}
+
+/// Renders LlmEndpoint `name` for `environment`.
+pub fn render(
+    name: &str,
+    spec: &LlmEndpointSpec,
+    environment: &str,
+) -> Result<Rendering, RenderError> {
+    let settings = merged_settings(spec, environment)?;
+    let missing = |field| RenderError::Missing {
+        environment: environment.to_string(),
+        field,
+    };
+    let provider = settings.provider.ok_or_else(|| missing("provider"))?;
+    let model = settings.model.clone().ok_or_else(|| missing("model"))?;
+    // The mock provider spends nothing and needs no key, whatever the base says.
+    let secret = match provider {
+        ProviderKind::Mock => None,
+        _ => settings.secret_ref.clone(),
+    };
+    let credential = secret.as_ref().map(|_| CredentialConfig {
+        file: PathBuf::from(CREDENTIAL_MOUNT_ROOT)
+            .join(name)
+            .join(CREDENTIAL_KEY),
+        header: settings.credential_header.clone(),
+    });
+    let config = EndpointConfig {
+        name: name.to_string(),
+        provider,
+        base_url: settings.base_url.clone(),
+        model,
+        aliases: settings.aliases.clone().unwrap_or_default(),
+        default: settings.default.unwrap_or(false),
+        credential,
+        timeouts: timeouts(settings.timeouts),
+        max_request_body_bytes: settings
+            .max_request_body_bytes
+            .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES),
+        azure: settings
+            .azure
+            .clone()
+            .filter(|_| provider == ProviderKind::AzureOpenai),
+        mock: settings.mock.filter(|_| provider == ProviderKind::Mock),
+    };
+    validate(&SidecarConfig {
+        endpoints: vec![config.clone()],
+    })
+    .map_err(|errors| RenderError::Invalid {
+        environment: environment.to_string(),
+        // The sidecar names fields as `endpoints[0].x`; here there is one endpoint.
+        message: errors.to_string().replace("endpoints[0].", ""),
+    })?;
+    let yaml = serde_yaml_ng::to_string(&config).map_err(|e| RenderError::Invalid {
+        environment: environment.to_string(),
+        message: e.to_string(),
+    })?;
+    let config_hash = config_hash([(CONFIG_FILE, yaml.as_bytes())]);
+    Ok(Rendering {
+        environment: environment.to_string(),
+        config,
+        yaml,
+        config_hash,
+        secret,
+    })
+}
+
+fn timeouts(settings: Option<TimeoutSettings>) -> Timeouts {
+    let mut t = Timeouts::default();
+    if let Some(s) = settings {
+        t.connect = s.connect.unwrap_or(t.connect);
+        t.first_byte = s.first_byte.unwrap_or(t.first_byte);
+        t.idle = s.idle.unwrap_or(t.idle);
+        t.total = s.total.unwrap_or(t.total);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmesh_sidecar::config::Duration;
+
+    fn spec(yaml: &str) -> LlmEndpointSpec {
+        serde_yaml_ng::from_str(yaml).expect("test spec parses")
+    }
+
+    const SPEC: &str = "
+provider: openai
+model: gpt-4o
+aliases: [gpt-4o-latest]
+secretRef: {name: openai, key: apiKey}
+timeouts: {firstByte: 2m, idle: 90s}
+environments:
+  dev: {provider: mock, mock: {tokenInterval: 20ms}}
+  test: {timeouts: {idle: 30s}, aliases: [fast]}
+  prod: {secretRef: {name: openai-prod, key: key}, default: true}
+";
+
+    #[test]
+    fn an_environment_without_overrides_gets_the_base_with_sidecar_defaults() {
+        let r = render("chat", &spec(SPEC), "staging").unwrap();
+        assert_eq!(r.config.provider, ProviderKind::Openai);
+        assert_eq!(r.config.model, "gpt-4o");
+        assert_eq!(r.config.timeouts.first_byte, Duration::from_secs(120));
+        assert_eq!(r.config.timeouts.connect, Timeouts::default().connect);
+        assert_eq!(
+            r.config.max_request_body_bytes,
+            DEFAULT_MAX_REQUEST_BODY_BYTES
+        );
+        assert_eq!(
+            r.secret,
+            Some(SecretKeyRef {
+                name: "openai".into(),
+                key: "apiKey".into()
+            })
+        );
+        let credential = r.config.credential.unwrap();
+        assert_eq!(
+            credential.file,
+            PathBuf::from("/var/run/secrets/llmesh/chat/apiKey")
+        );
+    }
+
+    #[test]
+    fn dev_as_mock_needs_no_key() {
+        let r = render("chat", &spec(SPEC), "dev").unwrap();
+        assert_eq!(r.config.provider, ProviderKind::Mock);
+        assert_eq!(r.secret, None);
+        assert_eq!(r.config.credential, None);
+        assert_eq!(
+            r.config.mock.unwrap().token_interval,
+            Duration::from_millis(20)
+        );
+        // The base's model and aliases still apply.
+        assert_eq!(r.config.aliases, ["gpt-4o-latest"]);
+    }
+
+    #[test]
+    fn overrides_merge_field_by_field_and_lists_are_replaced() {
+        let r = render("chat", &spec(SPEC), "test").unwrap();
+        assert_eq!(r.config.timeouts.idle, Duration::from_secs(30));
+        assert_eq!(
+            r.config.timeouts.first_byte,
+            Duration::from_secs(120),
+            "kept from the base"
+        );
+        assert_eq!(r.config.aliases, ["fast"]);
+        let prod = render("chat", &spec(SPEC), "prod").unwrap();
+        assert_eq!(
+            prod.secret,
+            Some(SecretKeyRef {
+                name: "openai-prod".into(),
+                key: "key".into()
+            })
+        );
+        assert!(prod.config.default);
+    }
+
+    #[test]
+    fn the_hash_is_stable_and_follows_the_content() {
+        let a = render("chat", &spec(SPEC), "prod").unwrap();
+        let b = render("chat", &spec(SPEC), "prod").unwrap();
+        assert_eq!(a.config_hash, b.config_hash);
+        assert_eq!(a.config_hash.len(), 64);
+        assert_ne!(
+            a.config_hash,
+            render("chat", &spec(SPEC), "test").unwrap().config_hash
+        );
+        // The same hash the sidecar computes for a --config-dir holding this one file.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), &a.yaml).unwrap();
+        let loaded = llmesh_sidecar::config::ConfigSource::Dir(dir.path().to_path_buf())
+            .load()
+            .unwrap();
+        assert_eq!(loaded.hash, a.config_hash);
+        assert_eq!(loaded.config.endpoints[0], a.config);
+    }
+
+    #[test]
+    fn what_the_sidecar_would_reject_is_an_error_naming_the_field() {
+        let err = render("chat", &spec("{provider: openai, model: gpt-4o}"), "prod").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment prod: credential: is required for provider openai"
+        );
+        let err = render("Chat_1", &spec("{provider: mock, model: m}"), "dev").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("environment dev: name: \"Chat_1\" is not a valid name"),
+            "{err}"
+        );
+        let err = render(
+            "chat",
+            &spec("{provider: mock, environments: {dev: {}}}"),
+            "dev",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            RenderError::Missing {
+                environment: "dev".into(),
+                field: "model"
+            }
+        );
+    }
+}
