@@ -1,20 +1,15 @@
 //! The committed CRD matches the types, installs on a real API server, and the API server
 //! itself rejects invalid LlmEndpoints (schema and CEL rules).
 
-use std::time::Duration;
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::CustomResourceExt;
 use llmesh_operator::crd::LlmEndpoint;
 use llmesh_testenv::ControlPlane;
 use serde_json::json;
 
-const CRD_FILE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../crds/llmendpoints.llmesh.io.yaml"
-);
+mod common;
+
+use common::{install_crd, CRD_FILE};
 
 #[test]
 fn committed_crd_matches_the_types() {
@@ -24,32 +19,6 @@ fn committed_crd_matches_the_types() {
         committed == generated,
         "crds/llmendpoints.llmesh.io.yaml is out of date: run `cargo run -p llmesh-operator --bin crdgen > crds/llmendpoints.llmesh.io.yaml`"
     );
-}
-
-async fn install_crd(plane: &ControlPlane) -> kube::Client {
-    let client = plane.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd: CustomResourceDefinition =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(CRD_FILE).unwrap()).unwrap();
-    crds.patch(
-        "llmendpoints.llmesh.io",
-        &PatchParams::apply("llmesh-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "llmendpoints.llmesh.io",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("the CRD became Established")
-    .unwrap();
-    client
 }
 
 /// Untyped, so that specs the Rust types would refuse still reach the API server.
@@ -66,7 +35,8 @@ fn endpoint(name: &str, spec: serde_json::Value) -> DynamicObject {
 #[tokio::test]
 async fn the_api_server_accepts_valid_and_rejects_invalid_endpoints() {
     let plane = ControlPlane::shared().await;
-    let client = install_crd(plane).await;
+    install_crd(plane).await;
+    let client = plane.client().await.unwrap();
     let ns = plane.namespace("crd").await.unwrap();
     let api: Api<DynamicObject> =
         Api::namespaced_with(client, &ns, &ApiResource::erase::<LlmEndpoint>(&()));

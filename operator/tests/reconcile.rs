@@ -1,0 +1,307 @@
+//! The controller against a real API server: per-environment rendering, secrets that
+//! arrive late or rotate, namespace label changes, and garbage collection of what it owns.
+//! Each test runs its own controller scoped to its own namespace.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{eventually, install_crd};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use llmesh_operator::controller::{self, Settings, CONFIG_HASH_ANNOTATION};
+use llmesh_operator::crd::LlmEndpoint;
+use llmesh_sidecar::config::{EndpointConfig, ProviderKind};
+use llmesh_testenv::ControlPlane;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+const SPEC: &str = r#"{
+    "provider": "openai",
+    "model": "gpt-4o",
+    "secretRef": {"name": "openai", "key": "apiKey"},
+    "environments": {
+        "dev": {"provider": "mock"},
+        "test": {"model": "gpt-4o-mini"},
+        "prod": {"secretRef": {"name": "openai-prod", "key": "apiKey"}}
+    }
+}"#;
+
+struct Setup {
+    client: kube::Client,
+    ns: String,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+/// A namespace labelled with `environment`, the CRD, and a controller watching the namespace.
+async fn setup(prefix: &str, environment: &str) -> Setup {
+    let plane = ControlPlane::shared().await;
+    install_crd(plane).await;
+    let ns = plane.namespace(prefix).await.unwrap();
+    let client = plane.client().await.unwrap();
+    label_namespace(&client, &ns, environment).await;
+    let controller = tokio::spawn(controller::run(
+        client.clone(),
+        Settings {
+            default_environment: "default".into(),
+            namespace: Some(ns.clone()),
+        },
+    ));
+    Setup {
+        client,
+        ns,
+        controller,
+    }
+}
+
+async fn label_namespace(client: &kube::Client, ns: &str, environment: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let patch = json!({"metadata": {"labels": {"llmesh.io/environment": environment}}});
+    namespaces
+        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn create_secret(client: &kube::Client, ns: &str, name: &str, key: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "apiKey".to_string(),
+            ByteString(key.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    };
+    api.patch(
+        name,
+        &PatchParams::apply("llmesh-test").force(),
+        &Patch::Apply(&{
+            let mut v = serde_json::to_value(&secret).unwrap();
+            v["apiVersion"] = json!("v1");
+            v["kind"] = json!("Secret");
+            v
+        }),
+    )
+    .await
+    .unwrap();
+}
+
+async fn create_endpoint(client: &kube::Client, ns: &str, name: &str) {
+    let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), ns);
+    let endpoint: LlmEndpoint = serde_json::from_value(json!({
+        "apiVersion": "llmesh.io/v1alpha1",
+        "kind": "LlmEndpoint",
+        "metadata": {"name": name},
+        "spec": serde_json::from_str::<serde_json::Value>(SPEC).unwrap(),
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &endpoint).await.unwrap();
+}
+
+fn condition<'a>(
+    e: &'a LlmEndpoint,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    e.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits until the endpoint's status satisfies `check`, returning the endpoint.
+async fn wait_status(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    check: impl Fn(&LlmEndpoint) -> bool,
+) -> LlmEndpoint {
+    let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), ns);
+    let last = std::sync::Mutex::new(None);
+    let found = eventually(WAIT, || async {
+        let e = api.get(name).await.ok()?;
+        *last.lock().unwrap() = Some(e.status.clone());
+        check(&e).then_some(e)
+    })
+    .await;
+    found.unwrap_or_else(|| panic!("status never matched; last: {:?}", last.lock().unwrap()))
+}
+
+fn is_ready(e: &LlmEndpoint) -> bool {
+    condition(e, "Ready").is_some_and(|c| c.status == "True")
+        && e.status.as_ref().and_then(|s| s.observed_generation) == e.metadata.generation
+}
+
+async fn rendered(client: &kube::Client, ns: &str, name: &str) -> (ConfigMap, EndpointConfig) {
+    let cm: ConfigMap = Api::namespaced(client.clone(), ns)
+        .get(&format!("llmesh-{name}"))
+        .await
+        .unwrap();
+    let yaml = cm.data.as_ref().unwrap()["endpoint.yaml"].clone();
+    (cm, serde_yaml_ng::from_str(&yaml).unwrap())
+}
+
+async fn copied_key(client: &kube::Client, ns: &str, name: &str) -> Option<String> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = api.get_opt(&format!("llmesh-{name}")).await.unwrap()?;
+    Some(String::from_utf8(secret.data?.get("apiKey")?.0.clone()).unwrap())
+}
+
+#[tokio::test]
+async fn each_environment_gets_its_own_rendering_and_key() {
+    for (environment, provider, model, key) in [
+        ("dev", ProviderKind::Mock, "gpt-4o", None),
+        ("test", ProviderKind::Openai, "gpt-4o-mini", Some("sk-base")),
+        ("prod", ProviderKind::Openai, "gpt-4o", Some("sk-prod")),
+    ] {
+        let s = setup(&format!("env-{environment}"), environment).await;
+        create_secret(&s.client, &s.ns, "openai", "sk-base").await;
+        create_secret(&s.client, &s.ns, "openai-prod", "sk-prod").await;
+        create_endpoint(&s.client, &s.ns, "chat").await;
+        let endpoint = wait_status(&s.client, &s.ns, "chat", is_ready).await;
+        let status = endpoint.status.clone().unwrap();
+        assert_eq!(status.environment.as_deref(), Some(environment));
+        assert_eq!(status.model.as_deref(), Some(model));
+        for type_ in ["ConfigRendered", "CredentialsResolved", "Ready"] {
+            let c = condition(&endpoint, type_).unwrap();
+            assert_eq!(c.status, "True", "{environment}: {c:?}");
+            assert_eq!(c.observed_generation, endpoint.metadata.generation);
+        }
+
+        let (cm, config) = rendered(&s.client, &s.ns, "chat").await;
+        assert_eq!(
+            (config.provider, config.model.as_str()),
+            (provider, model),
+            "{environment}"
+        );
+        assert_eq!(
+            cm.metadata.annotations.unwrap()[CONFIG_HASH_ANNOTATION],
+            status.config_hash.unwrap()
+        );
+        let owner = &cm.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("LlmEndpoint", endpoint.metadata.uid.as_deref().unwrap())
+        );
+        assert_eq!(
+            copied_key(&s.client, &s.ns, "chat").await.as_deref(),
+            key,
+            "{environment}"
+        );
+        let managers: Vec<_> = cm
+            .metadata
+            .managed_fields
+            .unwrap()
+            .into_iter()
+            .filter_map(|f| f.manager)
+            .collect();
+        assert_eq!(managers, ["llmesh-operator"]);
+    }
+}
+
+#[tokio::test]
+async fn a_secret_created_late_or_rotated_is_picked_up() {
+    let s = setup("late-secret", "test").await;
+    create_endpoint(&s.client, &s.ns, "chat").await;
+    let waiting = wait_status(&s.client, &s.ns, "chat", |e| {
+        condition(e, "CredentialsResolved").is_some_and(|c| c.reason == "SecretNotFound")
+    })
+    .await;
+    assert_eq!(condition(&waiting, "Ready").unwrap().status, "False");
+    assert!(condition(&waiting, "CredentialsResolved")
+        .unwrap()
+        .message
+        .contains("openai"));
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let seen = eventually(WAIT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SecretNotFound"))
+    })
+    .await;
+    assert!(seen.is_some(), "an Event says the secret is missing");
+
+    let started = tokio::time::Instant::now();
+    create_secret(&s.client, &s.ns, "openai", "sk-late").await;
+    wait_status(&s.client, &s.ns, "chat", is_ready).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "picked up by the watch, not the retry timer"
+    );
+    assert_eq!(
+        copied_key(&s.client, &s.ns, "chat").await.as_deref(),
+        Some("sk-late")
+    );
+
+    create_secret(&s.client, &s.ns, "openai", "sk-rotated").await;
+    let rotated = eventually(WAIT, || async {
+        (copied_key(&s.client, &s.ns, "chat").await.as_deref() == Some("sk-rotated")).then_some(())
+    })
+    .await;
+    assert!(rotated.is_some(), "the rotated key was copied");
+}
+
+#[tokio::test]
+async fn a_namespace_label_change_re_renders() {
+    let s = setup("relabel", "prod").await;
+    create_secret(&s.client, &s.ns, "openai-prod", "sk-prod").await;
+    create_endpoint(&s.client, &s.ns, "chat").await;
+    wait_status(&s.client, &s.ns, "chat", is_ready).await;
+    assert_eq!(
+        copied_key(&s.client, &s.ns, "chat").await.as_deref(),
+        Some("sk-prod")
+    );
+
+    label_namespace(&s.client, &s.ns, "dev").await;
+    let endpoint = wait_status(&s.client, &s.ns, "chat", |e| {
+        e.status.as_ref().and_then(|st| st.environment.as_deref()) == Some("dev") && is_ready(e)
+    })
+    .await;
+    assert_eq!(endpoint.status.unwrap().provider.as_deref(), Some("mock"));
+    assert_eq!(
+        rendered(&s.client, &s.ns, "chat").await.1.provider,
+        ProviderKind::Mock
+    );
+    assert_eq!(
+        copied_key(&s.client, &s.ns, "chat").await,
+        None,
+        "dev keeps no copy of the key"
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_endpoint_removes_what_it_owned() {
+    let s = setup("delete", "test").await;
+    create_secret(&s.client, &s.ns, "openai", "sk-base").await;
+    create_endpoint(&s.client, &s.ns, "chat").await;
+    wait_status(&s.client, &s.ns, "chat", is_ready).await;
+    let api: Api<LlmEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    api.delete("chat", &DeleteParams::background())
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.ns);
+    let gone = eventually(Duration::from_secs(30), || async {
+        let cm = cms.get_opt("llmesh-chat").await.ok()?;
+        let secret = copied_key(&s.client, &s.ns, "chat").await;
+        (cm.is_none() && secret.is_none()).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the ConfigMap and Secret were garbage-collected"
+    );
+}
