@@ -19,6 +19,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{LlmEndpoint, LlmEndpointStatus, SecretKeyRef};
+use crate::metrics::Metrics;
 use crate::render::{render, Rendering, CONFIG_FILE, CREDENTIAL_KEY};
 
 pub const FIELD_MANAGER: &str = "llmesh-operator";
@@ -45,6 +46,7 @@ pub struct Context {
     pub client: kube::Client,
     pub default_environment: String,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Clone)]
@@ -56,7 +58,7 @@ pub struct Settings {
 }
 
 /// Runs the controller until the stream ends (on shutdown signal).
-pub async fn run(client: kube::Client, settings: Settings) {
+pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>) {
     let scoped = |client: &kube::Client| -> Api<LlmEndpoint> {
         match &settings.namespace {
             Some(ns) => Api::namespaced(client.clone(), ns),
@@ -86,6 +88,7 @@ pub async fn run(client: kube::Client, settings: Settings) {
                 instance: std::env::var("POD_NAME").ok(),
             },
         ),
+        metrics,
     });
     controller
         .owns(config_maps, owned_config.clone())
@@ -101,7 +104,7 @@ pub async fn run(client: kube::Client, settings: Settings) {
             move |ns| endpoints_in_namespace(&by_namespace, &ns.name_any()),
         )
         .shutdown_on_signal()
-        .run(reconcile, error_policy, context)
+        .run(reconcile_measured, error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile stream error");
@@ -149,6 +152,17 @@ pub fn error_policy(endpoint: Arc<LlmEndpoint>, error: &Error, _ctx: Arc<Context
         "reconcile failed; retrying"
     );
     Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile_measured(
+    endpoint: Arc<LlmEndpoint>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile(endpoint, Arc::clone(&ctx)).await;
+    ctx.metrics
+        .observe_reconcile("LlmEndpoint", result.is_ok(), started.elapsed());
+    result
 }
 
 /// The outcome of looking up the endpoint's key.
@@ -358,12 +372,16 @@ async fn apply_config_map(
         ..ConfigMap::default()
     };
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    apply_if_changed(&api, &desired, |existing| existing.data == desired.data).await
+    apply_if_changed(ctx, &api, &desired, |existing| {
+        existing.data == desired.data
+    })
+    .await
 }
 
 /// Server-side applies `desired` unless the stored object already matches it: a resync
 /// that finds nothing changed makes no write.
 async fn apply_if_changed<K>(
+    ctx: &Context,
     api: &Api<K>,
     desired: &K,
     same_content: impl Fn(&K) -> bool,
@@ -384,6 +402,7 @@ where
     let mut body = serde_json::to_value(desired).map_err(kube::Error::SerdeError)?;
     body["apiVersion"] = json!(K::api_version(&()));
     body["kind"] = json!(K::kind(&()));
+    ctx.metrics.count_write(&K::kind(&()));
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -434,7 +453,10 @@ async fn apply_secret(
         ..Secret::default()
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    apply_if_changed(&api, &desired, |existing| existing.data == desired.data).await
+    apply_if_changed(ctx, &api, &desired, |existing| {
+        existing.data == desired.data
+    })
+    .await
 }
 
 /// An endpoint that switched to a provider without a key (dev on mock) keeps no copy of one.
@@ -442,6 +464,7 @@ async fn delete_copied_secret(ctx: &Context, namespace: &str, name: &str) -> Res
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let copied = format!("llmesh-{name}");
     if api.get_metadata_opt(&copied).await?.is_some() {
+        ctx.metrics.count_write("Secret");
         api.delete(&copied, &DeleteParams::default()).await?;
     }
     Ok(())
@@ -474,6 +497,7 @@ async fn update_status(
         "kind": LlmEndpoint::kind(&()),
         "status": status,
     });
+    ctx.metrics.count_write("LlmEndpoint/status");
     api.patch_status(
         &endpoint.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -514,6 +538,7 @@ async fn publish(
         action: "Reconcile".into(),
         secondary: None,
     };
+    ctx.metrics.count_write("Event");
     if let Err(error) = ctx
         .recorder
         .publish(&event, &endpoint.object_ref(&()))

@@ -3,4 +3,6 @@
 
 pub mod controller;
 pub mod crd;
+pub mod lease;
+pub mod metrics;
 pub mod render;

@@ -55,6 +55,7 @@ async fn setup(prefix: &str, environment: &str) -> Setup {
             default_environment: "default".into(),
             namespace: Some(ns.clone()),
         },
+        std::sync::Arc::new(llmesh_operator::metrics::Metrics::new().unwrap()),
     ));
     Setup {
         client,

@@ -86,7 +86,9 @@ pub async fn serve_admin(
     .await;
 }
 
-async fn serve<F, Fut, B>(
+/// The accept loop behind every llmesh HTTP/1 listener: serves `handler` until `shutdown`
+/// changes, then lets open connections finish for up to `grace`.
+pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     builder: http1::Builder,
     mut shutdown: watch::Receiver<bool>,
