@@ -403,6 +403,12 @@ where
     body["apiVersion"] = json!(K::api_version(&()));
     body["kind"] = json!(K::kind(&()));
     ctx.metrics.count_write(&K::kind(&()));
+    tracing::info!(
+        kind = %K::kind(&()),
+        namespace = desired.meta().namespace.as_deref().unwrap_or_default(),
+        name = %name,
+        "applying"
+    );
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),

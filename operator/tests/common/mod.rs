@@ -4,9 +4,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::wait::{await_condition, conditions};
 use llmesh_testenv::ControlPlane;
 
 pub const CRD_FILE: &str = concat!(
@@ -16,28 +13,8 @@ pub const CRD_FILE: &str = concat!(
 
 /// Installs the committed CRD (idempotent) and waits until it is Established.
 pub async fn install_crd(plane: &ControlPlane) {
-    let client = plane.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    let crd: CustomResourceDefinition =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(CRD_FILE).unwrap()).unwrap();
-    crds.patch(
-        "llmendpoints.llmesh.io",
-        &PatchParams::apply("llmesh-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "llmendpoints.llmesh.io",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("the CRD became Established")
-    .unwrap();
+    let crd = serde_yaml_ng::from_str(&std::fs::read_to_string(CRD_FILE).unwrap()).unwrap();
+    plane.install_crd(&crd).await.unwrap();
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes.

@@ -235,6 +235,28 @@ impl ControlPlane {
         Ok(name)
     }
 
+    /// Server-side applies a CRD (idempotent, so tests may all call it) and waits until the
+    /// API server serves it.
+    pub async fn install_crd(
+        &self,
+        crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    ) -> anyhow::Result<()> {
+        use kube::runtime::wait::{await_condition, conditions};
+        let name = crd.metadata.name.clone().context("the CRD has no name")?;
+        let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            kube::Api::all(self.client().await?);
+        let params = kube::api::PatchParams::apply("llmesh-testenv").force();
+        crds.patch(&name, &params, &kube::api::Patch::Apply(crd))
+            .await?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds, &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("CRD {name} did not become Established"))??;
+        Ok(())
+    }
+
     /// The cluster CA, PEM: what a webhook configuration's `caBundle` needs.
     pub fn ca_pem(&self) -> String {
         self.ca.pem()

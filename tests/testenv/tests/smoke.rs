@@ -181,26 +181,8 @@ spec:
 async fn a_crd_installs_and_its_schema_and_cel_rules_are_enforced() {
     let plane = ControlPlane::shared().await;
     let client = plane.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd: CustomResourceDefinition = serde_yaml_ng::from_str(WIDGET_CRD).unwrap();
-    crds.patch(
-        "widgets.smoke.llmesh.io",
-        &PatchParams::apply("smoke-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "widgets.smoke.llmesh.io",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("the CRD became Established")
-    .unwrap();
+    plane.install_crd(&crd).await.unwrap();
 
     let ns = plane.namespace("smoke-crd").await.unwrap();
     let resource = kube::api::ApiResource {

@@ -1,0 +1,230 @@
+//! Scale benchmark (run by `bench/operator.sh`, ignored in the normal test run):
+//! 1,000 LlmEndpoints across 50 namespaces created at once against a control plane of its
+//! own. Reports the time until every one is Ready, the operator's CPU time and peak RSS,
+//! and the API writes a restarted operator makes when it finds nothing to change (must be 0).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{eventually, install_crd};
+use futures::{stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{Api, ListParams, PostParams};
+use llmesh_operator::crd::LlmEndpoint;
+use llmesh_testenv::ControlPlane;
+use serde_json::json;
+
+const NAMESPACES: usize = 50;
+const PER_NAMESPACE: usize = 20;
+
+struct Operator {
+    child: Child,
+    admin: u16,
+}
+
+impl Operator {
+    fn start(plane: &ControlPlane, lease_ns: &str) -> Self {
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_llmesh-operator"))
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .args([
+                "--lease-namespace",
+                lease_ns,
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args(["--log", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llmesh-operator");
+        Self { child, admin }
+    }
+
+    /// Sums every sample of `metric` on `/metrics`.
+    async fn metric(&self, metric: &str) -> Option<f64> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin))
+            .await
+            .ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn count_ready(api: &Api<LlmEndpoint>) -> usize {
+    let Ok(list) = api.list(&ListParams::default()).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter(|e| {
+            e.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .count()
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run by bench/operator.sh"]
+async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
+    let plane = ControlPlane::start().await.unwrap();
+    install_crd(&plane).await;
+    let client = plane.client().await.unwrap();
+    let lease_ns = plane.namespace("llmesh-system").await.unwrap();
+    let environments = ["dev", "test", "prod"];
+    let mut namespaces = Vec::new();
+    for i in 0..NAMESPACES {
+        let name = format!("team-{i:02}");
+        let ns: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"llmesh.io/environment": environments[i % 3]}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("openai".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "apiKey".to_string(),
+                ByteString(format!("sk-{i}").into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(client.clone(), &name)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        namespaces.push(name);
+    }
+
+    let operator = Operator::start(&plane, &lease_ns);
+    let started = Instant::now();
+    let creations = namespaces
+        .iter()
+        .flat_map(|ns| (0..PER_NAMESPACE).map(move |j| (ns.clone(), j)));
+    stream::iter(creations)
+        .for_each_concurrent(32, |(ns, j)| {
+            let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), &ns);
+            async move {
+                let endpoint: LlmEndpoint = serde_json::from_value(json!({
+                    "apiVersion": "llmesh.io/v1alpha1", "kind": "LlmEndpoint",
+                    "metadata": {"name": format!("model-{j:02}")},
+                    "spec": {
+                        "provider": "openai", "model": "gpt-4o",
+                        "secretRef": {"name": "openai", "key": "apiKey"},
+                        "environments": {"dev": {"provider": "mock"}},
+                    },
+                }))
+                .unwrap();
+                api.create(&PostParams::default(), &endpoint).await.unwrap();
+            }
+        })
+        .await;
+    let created_after = started.elapsed();
+    let all: Api<LlmEndpoint> = Api::all(client.clone());
+    let total = NAMESPACES * PER_NAMESPACE;
+    let ready = eventually(Duration::from_secs(600), || async {
+        (count_ready(&all).await == total).then_some(())
+    })
+    .await;
+    let ready_after = started.elapsed();
+    assert!(
+        ready.is_some(),
+        "only {} of {total} became Ready",
+        count_ready(&all).await
+    );
+    let cpu = operator
+        .metric("process_cpu_seconds_total")
+        .await
+        .unwrap_or(f64::NAN);
+    let rss = operator.peak_rss_mib();
+    let writes = operator
+        .metric("llmesh_operator_api_writes_total")
+        .await
+        .unwrap_or(0.0);
+    drop(operator);
+
+    // A fresh operator reconciles every endpoint again and must find nothing to write.
+    let restarted = Operator::start(&plane, &lease_ns);
+    let resync_started = Instant::now();
+    let resynced = eventually(Duration::from_secs(600), || async {
+        let n = restarted.metric("llmesh_operator_reconciles_total").await?;
+        (n >= total as f64).then_some(())
+    })
+    .await;
+    assert!(
+        resynced.is_some(),
+        "the restarted operator did not reconcile all {total}"
+    );
+    let resync_after = resync_started.elapsed();
+    let resync_writes = restarted
+        .metric("llmesh_operator_api_writes_total")
+        .await
+        .unwrap_or(0.0);
+    let resync_cpu = restarted
+        .metric("process_cpu_seconds_total")
+        .await
+        .unwrap_or(f64::NAN);
+
+    let report = json!({
+        "endpoints": total,
+        "namespaces": NAMESPACES,
+        "create_requests_done_s": created_after.as_secs_f64(),
+        "all_ready_s": ready_after.as_secs_f64(),
+        "operator_cpu_s": cpu,
+        "operator_peak_rss_mib": rss,
+        "api_writes_to_ready": writes,
+        "resync_s": resync_after.as_secs_f64(),
+        "resync_api_writes": resync_writes,
+        "resync_cpu_s": resync_cpu,
+    });
+    println!("SCALE-REPORT {report}");
+    assert_eq!(
+        resync_writes, 0.0,
+        "a resync that finds nothing changed must not write"
+    );
+}
