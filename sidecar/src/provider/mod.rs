@@ -113,10 +113,6 @@ impl Target {
             .path_and_query(PathAndQuery::try_from(path_and_query)?)
             .build()
     }
-
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,10 +95,6 @@ impl Sidecar {
         format!("http://{}{path}", self.admin)
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     pub fn logs(&self) -> String {
         self.logs.lock().expect("log lock").join("\n")
     }
@@ -124,10 +120,6 @@ impl Sidecar {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     pub fn signal_term(&self) {

@@ -267,10 +267,6 @@ impl ControlPlane {
         issue(&self.ca, common_name, &["localhost"], true, &[])
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn log_tail(&self, file: &str) -> String {
         let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
