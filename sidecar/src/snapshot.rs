@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{EndpointConfig, LoadedConfig, MockConfig};
 use crate::credentials::{Credential, CredentialError};
 use crate::provider::{Target, TargetError};
+use crate::resilience::Resilience;
 
 pub struct Snapshot {
     pub config_hash: String,
@@ -21,6 +22,9 @@ pub struct Snapshot {
 pub struct Endpoint {
     pub config: EndpointConfig,
     pub backend: Backend,
+    pub resilience: Arc<Resilience>,
+    /// `config.fallbacks` that exist in this snapshot, in order.
+    pub fallbacks: Vec<String>,
 }
 
 pub enum Backend {
@@ -93,9 +97,28 @@ impl Snapshot {
                     credential: load_credential(config, previous_endpoint),
                 })),
             };
+            let resilience = match previous_endpoint {
+                Some(p) => Resilience::carried_over(&p.resilience, config),
+                None => Arc::new(Resilience::new(config)),
+            };
+            let config_changed = previous.is_none_or(|p| p.config_hash != loaded.hash);
+            let fallbacks = config
+                .fallbacks
+                .iter()
+                .filter(|name| {
+                    let known = loaded.config.endpoints.iter().any(|e| &e.name == *name);
+                    if !known && config_changed {
+                        tracing::warn!(endpoint = %config.name, fallback = %name, "fallback names no endpoint of this sidecar; skipping it");
+                    }
+                    known
+                })
+                .cloned()
+                .collect();
             endpoints.push(Arc::new(Endpoint {
                 config: config.clone(),
                 backend,
+                resilience,
+                fallbacks,
             }));
         }
         let mut by_name = HashMap::new();

@@ -5,6 +5,7 @@
 
 mod duration;
 mod load;
+mod resilience;
 mod validate;
 
 use std::path::PathBuf;
@@ -14,6 +15,10 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{Duration, ParseDurationError, DURATION_PATTERN};
 pub(crate) use load::hex as hex_digest;
+pub use resilience::{
+    CircuitBreakerConfig, LimitScope, LimitsConfig, RedisConfig, RedisFailurePolicy, RetryBudgetConfig,
+    RetryConfig,
+};
 pub use load::{config_hash, ConfigSource, LoadError, LoadedConfig, RawConfig};
 pub use validate::{validate, ConfigError, ValidationErrors};
 
@@ -63,6 +68,16 @@ pub struct EndpointConfig {
     /// Mock provider settings; only for `provider: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockConfig>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Other endpoints (by name) tried in order when this one's attempts end in a retryable
+    /// failure or its circuit is open. The request's `model` is rewritten to theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<String>,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// Long prompts (whole documents, base64 images) are common; 4 MiB and smaller defaults

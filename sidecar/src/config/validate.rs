@@ -6,7 +6,7 @@ use std::fmt;
 
 use http::{HeaderName, Uri};
 
-use super::{EndpointConfig, ProviderKind, SidecarConfig};
+use super::{EndpointConfig, LimitScope, ProviderKind, SidecarConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -123,6 +123,7 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
     }
     validate_timeouts(c, at, e);
     validate_provider_fields(c, at, e);
+    validate_resilience(c, at, e);
     if let Some(cred) = &e.credential {
         if cred.file.as_os_str().is_empty() {
             c.fail(format!("{at}.credential.file"), "must not be empty");
@@ -173,6 +174,111 @@ fn validate_timeouts(c: &mut Collector, at: &str, e: &EndpointConfig) {
                 t.connect, t.first_byte
             ),
         );
+    }
+}
+
+/// Fallbacks are checked for shape only: in `--config-dir` mode an endpoint's file may arrive
+/// before its fallback's, so a name not (yet) present is skipped with a warning at run time
+/// rather than rejecting the whole configuration.
+fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
+    let r = &e.retry;
+    if !(1..=10).contains(&r.max_attempts) {
+        c.fail(
+            format!("{at}.retry.maxAttempts"),
+            format!("must be between 1 and 10 (got {})", r.max_attempts),
+        );
+    }
+    if r.backoff_base > r.backoff_max {
+        c.fail(
+            format!("{at}.retry.backoffBase"),
+            format!(
+                "{} is longer than retry.backoffMax ({})",
+                r.backoff_base, r.backoff_max
+            ),
+        );
+    }
+    if !(0.0..=10.0).contains(&r.budget.ratio) {
+        c.fail(
+            format!("{at}.retry.budget.ratio"),
+            format!("must be between 0 and 10 (got {})", r.budget.ratio),
+        );
+    }
+    for (j, fallback) in e.fallbacks.iter().enumerate() {
+        if fallback == &e.name {
+            c.fail(
+                format!("{at}.fallbacks[{j}]"),
+                format!("{fallback:?} is this endpoint itself"),
+            );
+        } else if e.fallbacks[..j].contains(fallback) {
+            c.fail(
+                format!("{at}.fallbacks[{j}]"),
+                format!("{fallback:?} is listed twice"),
+            );
+        } else if !is_dns_label(fallback) {
+            c.fail(
+                format!("{at}.fallbacks[{j}]"),
+                format!("{fallback:?} is not a valid endpoint name"),
+            );
+        }
+    }
+    if e.circuit_breaker.consecutive_failures > 0 && e.circuit_breaker.cooldown.is_zero() {
+        c.fail(
+            format!("{at}.circuitBreaker.cooldown"),
+            "must be greater than 0 while the breaker is on",
+        );
+    }
+    let l = &e.limits;
+    for (name, value) in [
+        ("requestsPerMinute", l.requests_per_minute),
+        ("tokensPerMinute", l.tokens_per_minute),
+        ("maxConcurrent", l.max_concurrent.map(u64::from)),
+    ] {
+        if value == Some(0) {
+            c.fail(
+                format!("{at}.limits.{name}"),
+                "must be at least 1; leave it out for no limit",
+            );
+        }
+    }
+    if l.default_max_tokens == 0 {
+        c.fail(format!("{at}.limits.defaultMaxTokens"), "must be at least 1");
+    }
+    match (l.scope, &l.redis) {
+        (LimitScope::Global, None) => c.fail(
+            format!("{at}.limits.redis"),
+            "is required when limits.scope is global",
+        ),
+        (LimitScope::Global, Some(redis)) => {
+            if !(redis.url.starts_with("redis://") && redis.url.len() > "redis://".len()) {
+                c.fail(
+                    format!("{at}.limits.redis.url"),
+                    format!("{:?} must look like redis://HOST:PORT[/DB]", redis.url),
+                );
+            }
+            if redis.timeout.is_zero() {
+                c.fail(
+                    format!("{at}.limits.redis.timeout"),
+                    "must be greater than 0",
+                );
+            }
+            if !l.any_limit() {
+                c.fail(
+                    format!("{at}.limits.scope"),
+                    "global scope needs requestsPerMinute, tokensPerMinute or maxConcurrent",
+                );
+            }
+            if l.max_concurrent.is_some() && l.requests_per_minute.is_none() && l.tokens_per_minute.is_none() {
+                c.fail(
+                    format!("{at}.limits.maxConcurrent"),
+                    "is enforced per sidecar; a global scope needs requestsPerMinute or tokensPerMinute",
+                );
+            }
+        }
+        (LimitScope::Local, Some(_)) => c.fail(
+            format!("{at}.limits.redis"),
+            "is only used with limits.scope: global",
+        ),
+        (LimitScope::Local, None) => {}
     }
 }
 

@@ -1,0 +1,244 @@
+//! Counting a request's tokens before it is sent, for the tokens-per-minute reservation.
+//!
+//! Prompts are counted with the model's own BPE (tiktoken's `o200k_base` or `cl100k_base`)
+//! when the model is known to use one, else estimated at four bytes a token. The encodings
+//! are large (tens of MB once loaded), so one is loaded only for an endpoint with a
+//! tokens-per-minute limit, on a background thread; requests arriving before it is ready are
+//! estimated rather than delayed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::Value;
+use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
+use tiktoken_rs::CoreBPE;
+
+/// A request whose prompt text is larger than this is counted on the blocking pool, so that
+/// one huge prompt does not stall the other connections of its worker.
+const INLINE_TEXT_BYTES: usize = 32 * 1024;
+/// OpenAI's count for an image at "high" detail in a 512×512 tile layout: a fair middle.
+const IMAGE_TOKENS: u64 = 765;
+/// Each chat message costs a few tokens of framing beyond its text.
+const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
+
+static O200K_READY: AtomicBool = AtomicBool::new(false);
+static CL100K_READY: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    O200k,
+    Cl100k,
+    /// No known tokenizer: four bytes a token.
+    Estimate,
+}
+
+impl Encoding {
+    pub fn for_model(model: &str) -> Self {
+        match get_tokenizer(model) {
+            Some(Tokenizer::O200kBase | Tokenizer::O200kHarmony) => Self::O200k,
+            Some(Tokenizer::Cl100kBase) => Self::Cl100k,
+            _ => Self::Estimate,
+        }
+    }
+
+    fn ready_flag(self) -> Option<&'static AtomicBool> {
+        match self {
+            Self::O200k => Some(&O200K_READY),
+            Self::Cl100k => Some(&CL100K_READY),
+            Self::Estimate => None,
+        }
+    }
+
+    fn bpe(self) -> Option<&'static CoreBPE> {
+        match self {
+            Self::O200k => Some(tiktoken_rs::o200k_base_singleton()),
+            Self::Cl100k => Some(tiktoken_rs::cl100k_base_singleton()),
+            Self::Estimate => None,
+        }
+    }
+
+    /// Loads the encoding on a background thread (once per process).
+    pub fn warm_up(self) {
+        let Some(flag) = self.ready_flag() else {
+            return;
+        };
+        static STARTED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+        let started = &STARTED[usize::from(self == Self::Cl100k)];
+        if started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("llmesh-tokenizer".to_string())
+            .spawn(move || {
+                let _ = self.bpe();
+                flag.store(true, Ordering::Release);
+            });
+        if spawned.is_err() {
+            started.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn loaded_bpe(self) -> Option<&'static CoreBPE> {
+        self.ready_flag()
+            .filter(|f| f.load(Ordering::Acquire))
+            .and_then(|_| self.bpe())
+    }
+}
+
+/// The text and fixed costs of a request's prompt.
+#[derive(Debug, Default, PartialEq)]
+pub struct Prompt {
+    text: String,
+    fixed_tokens: u64,
+    /// Completion tokens the request may generate: `max_tokens` (or its newer names) × `n`.
+    pub max_output: Option<u64>,
+    pub choices: u64,
+}
+
+impl Prompt {
+    /// Reads what counts from a chat, completions, responses or embeddings body.
+    pub fn from_request(body: &[u8]) -> Prompt {
+        let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+            return Prompt {
+                text: String::from_utf8_lossy(body).into_owned(),
+                choices: 1,
+                ..Prompt::default()
+            };
+        };
+        let mut prompt = Prompt {
+            choices: map.get("n").and_then(Value::as_u64).unwrap_or(1).max(1),
+            max_output: ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+                .iter()
+                .find_map(|k| map.get(*k).and_then(Value::as_u64)),
+            ..Prompt::default()
+        };
+        for key in ["messages", "prompt", "input", "instructions", "system"] {
+            if let Some(value) = map.get(key) {
+                prompt.collect(value, key == "messages");
+            }
+        }
+        for key in ["tools", "functions", "response_format"] {
+            if let Some(value) = map.get(key) {
+                // Tool schemas are sent to the model as text; their JSON size is a fair proxy.
+                prompt.fixed_tokens += value.to_string().len() as u64 / 4;
+            }
+        }
+        prompt
+    }
+
+    fn collect(&mut self, value: &Value, messages: bool) {
+        match value {
+            Value::String(s) => {
+                self.text.push_str(s);
+                self.text.push('\n');
+            }
+            // Pre-tokenized input (completions, embeddings): each number is one token.
+            Value::Number(_) => self.fixed_tokens += 1,
+            Value::Array(items) => {
+                for item in items {
+                    if messages {
+                        self.fixed_tokens += MESSAGE_OVERHEAD_TOKENS;
+                    }
+                    self.collect(item, false);
+                }
+            }
+            Value::Object(map) => {
+                let kind = map.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind.contains("image") {
+                    self.fixed_tokens += IMAGE_TOKENS;
+                    return;
+                }
+                for (key, v) in map {
+                    match key.as_str() {
+                        "content" | "text" | "input" | "arguments" | "output" | "name" => {
+                            self.collect(v, false)
+                        }
+                        "tool_calls" | "function_call" => self.collect_all_strings(v),
+                        _ => {}
+                    }
+                }
+            }
+            Value::Bool(_) | Value::Null => {}
+        }
+    }
+
+    fn collect_all_strings(&mut self, value: &Value) {
+        match value {
+            Value::String(s) => self.text.push_str(s),
+            Value::Array(items) => items.iter().for_each(|v| self.collect_all_strings(v)),
+            Value::Object(map) => map.values().for_each(|v| self.collect_all_strings(v)),
+            _ => {}
+        }
+    }
+
+    /// Prompt tokens: counted with `encoding` if it is loaded, else estimated.
+    pub async fn count(self, encoding: Encoding) -> u64 {
+        let Prompt {
+            text, fixed_tokens, ..
+        } = self;
+        let Some(bpe) = encoding.loaded_bpe() else {
+            return fixed_tokens + estimate(&text);
+        };
+        if text.len() <= INLINE_TEXT_BYTES {
+            return fixed_tokens + bpe.encode_ordinary(&text).len() as u64;
+        }
+        let text_len = text.len();
+        let counted =
+            tokio::task::spawn_blocking(move || bpe.encode_ordinary(&text).len() as u64).await;
+        fixed_tokens + counted.unwrap_or(text_len as u64 / 4)
+    }
+}
+
+/// Four bytes a token: OpenAI's own rule of thumb for English text.
+pub fn estimate(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_until_ready(encoding: Encoding) {
+        encoding.warm_up();
+        let flag = encoding.ready_flag().unwrap();
+        for _ in 0..600 {
+            if flag.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{encoding:?} did not load");
+    }
+
+    #[test]
+    fn models_map_to_their_encodings() {
+        assert_eq!(Encoding::for_model("gpt-4o-mini"), Encoding::O200k);
+        assert_eq!(Encoding::for_model("gpt-4.1"), Encoding::O200k);
+        assert_eq!(Encoding::for_model("gpt-4"), Encoding::Cl100k);
+        assert_eq!(Encoding::for_model("text-embedding-3-small"), Encoding::Cl100k);
+        assert_eq!(Encoding::for_model("llama-3.1-8b"), Encoding::Estimate);
+    }
+
+    #[tokio::test]
+    async fn chat_prompts_are_counted_with_the_real_tokenizer() {
+        wait_until_ready(Encoding::Cl100k);
+        let body = br#"{"model":"gpt-4","max_tokens":50,"n":2,"messages":[
+            {"role":"system","content":"You are a helpful assistant."},
+            {"role":"user","content":[{"type":"text","text":"hello world"},{"type":"image_url","image_url":{"url":"data:..."}}]}
+        ]}"#;
+        let prompt = Prompt::from_request(body);
+        assert_eq!(prompt.max_output, Some(50));
+        assert_eq!(prompt.choices, 2);
+        // cl100k: "You are a helpful assistant.\nhello world\n" is 9 tokens.
+        let counted = prompt.count(Encoding::Cl100k).await;
+        assert_eq!(counted, 9 + 2 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
+    }
+
+    #[tokio::test]
+    async fn token_arrays_and_unknown_models() {
+        let body = br#"{"model":"x","input":[[1,2,3],[4,5]]}"#;
+        assert_eq!(Prompt::from_request(body).count(Encoding::Estimate).await, 5);
+        let body = br#"{"model":"x","prompt":"abcdefgh"}"#;
+        // "abcdefgh\n" is 9 bytes: 3 estimated tokens.
+        assert_eq!(Prompt::from_request(body).count(Encoding::Estimate).await, 3);
+    }
+}

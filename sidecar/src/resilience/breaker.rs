@@ -1,0 +1,193 @@
+//! The circuit breaker of one endpoint: closed while attempts succeed, open for a cooldown
+//! after `consecutiveFailures` failures in a row, then half-open for one probe attempt whose
+//! result closes or reopens it.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::CircuitBreakerConfig;
+
+pub struct CircuitBreaker {
+    config: CircuitBreakerConfig,
+    endpoint: String,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    /// One probe is out; if it never reports (its request was cancelled), another is let
+    /// through after a cooldown.
+    HalfOpen { probe_started: Instant },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Allowed,
+    /// The circuit is open; it may let a probe through after this long.
+    Rejected { retry_after: Duration },
+}
+
+impl CircuitBreaker {
+    pub fn new(endpoint: &str, config: CircuitBreakerConfig) -> Self {
+        Self {
+            config,
+            endpoint: endpoint.to_string(),
+            state: Mutex::new(State::Closed { failures: 0 }),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.config.consecutive_failures > 0
+    }
+
+    /// Whether an attempt may go to this endpoint now.
+    pub fn admit(&self) -> Admission {
+        if !self.enabled() {
+            return Admission::Allowed;
+        }
+        let Ok(mut state) = self.state.lock() else {
+            return Admission::Allowed;
+        };
+        let now = Instant::now();
+        let cooldown = self.config.cooldown.get();
+        match *state {
+            State::Closed { .. } => Admission::Allowed,
+            State::Open { until } if now < until => Admission::Rejected {
+                retry_after: until - now,
+            },
+            State::HalfOpen { probe_started } if now < probe_started + cooldown => {
+                Admission::Rejected {
+                    retry_after: probe_started + cooldown - now,
+                }
+            }
+            State::Open { .. } | State::HalfOpen { .. } => {
+                tracing::info!(endpoint = %self.endpoint, "circuit half-open: sending one probe request");
+                *state = State::HalfOpen { probe_started: now };
+                Admission::Allowed
+            }
+        }
+    }
+
+    /// The result of an attempt that `admit` allowed.
+    pub fn record(&self, healthy: bool) {
+        if !self.enabled() {
+            return;
+        }
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let threshold = self.config.consecutive_failures;
+        let open = State::Open {
+            until: Instant::now() + self.config.cooldown.get(),
+        };
+        *state = match (*state, healthy) {
+            (State::Closed { .. }, true) => State::Closed { failures: 0 },
+            (State::Closed { failures }, false) if failures + 1 >= threshold => {
+                tracing::warn!(endpoint = %self.endpoint, failures = failures + 1, cooldown = %self.config.cooldown, "circuit opened: endpoint ejected");
+                open
+            }
+            (State::Closed { failures }, false) => State::Closed {
+                failures: failures + 1,
+            },
+            (State::HalfOpen { .. }, true) => {
+                tracing::info!(endpoint = %self.endpoint, "circuit closed: probe succeeded");
+                State::Closed { failures: 0 }
+            }
+            (State::HalfOpen { .. }, false) => {
+                tracing::warn!(endpoint = %self.endpoint, cooldown = %self.config.cooldown, "circuit reopened: probe failed");
+                open
+            }
+            // An attempt admitted before the circuit opened reports late; it changes nothing.
+            (open @ State::Open { .. }, _) => open,
+        };
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| !matches!(*s, State::Closed { .. }))
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(failures: u32, cooldown_ms: u64) -> CircuitBreaker {
+        CircuitBreaker::new(
+            "chat",
+            CircuitBreakerConfig {
+                consecutive_failures: failures,
+                cooldown: crate::config::Duration::from_millis(cooldown_ms),
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_a_probe_closes_it() {
+        let b = breaker(3, 1000);
+        b.record(false);
+        b.record(false);
+        b.record(true); // a success in between resets the count
+        b.record(false);
+        b.record(false);
+        assert_eq!(b.admit(), Admission::Allowed);
+        b.record(false);
+        assert!(b.is_open());
+        assert_eq!(
+            b.admit(),
+            Admission::Rejected {
+                retry_after: Duration::from_millis(1000)
+            }
+        );
+
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        assert_eq!(b.admit(), Admission::Allowed, "one probe");
+        assert!(
+            matches!(b.admit(), Admission::Rejected { .. }),
+            "only one probe at a time"
+        );
+        b.record(true);
+        assert!(!b.is_open());
+        assert_eq!(b.admit(), Admission::Allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_another_cooldown() {
+        let b = breaker(1, 500);
+        b.record(false);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(b.admit(), Admission::Allowed);
+        b.record(false);
+        assert_eq!(
+            b.admit(),
+            Admission::Rejected {
+                retry_after: Duration::from_millis(500)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_probe_does_not_keep_the_circuit_open_forever() {
+        let b = breaker(1, 500);
+        b.record(false);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(b.admit(), Admission::Allowed); // this probe never reports
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(b.admit(), Admission::Allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_failures_turns_it_off() {
+        let b = breaker(0, 500);
+        for _ in 0..100 {
+            b.record(false);
+        }
+        assert_eq!(b.admit(), Admission::Allowed);
+    }
+}
