@@ -6,7 +6,10 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 
+use std::time::Duration;
+
 use crate::credentials::CredentialError;
+use crate::limits::LimitKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -47,6 +50,29 @@ pub enum ProxyError {
         what: &'static str,
         limit: String,
     },
+    #[error("Rate limit reached for endpoint '{endpoint}' on {}{}. Please try again in {}.", limit.describe(), value.map(|v| format!(" (limit {v})")).unwrap_or_default(), human_wait(*retry_after))]
+    RateLimited {
+        endpoint: String,
+        limit: LimitKind,
+        value: Option<u64>,
+        retry_after: Duration,
+    },
+    #[error("Endpoint '{endpoint}' shares its rate limits through Redis, which is unreachable, and is configured to fail closed.")]
+    SharedLimiterUnavailable { endpoint: String },
+    #[error("Endpoint '{endpoint}' is failing and its circuit breaker is open; it will be tried again in {}.", human_wait(*retry_after))]
+    CircuitOpen {
+        endpoint: String,
+        retry_after: Duration,
+    },
+}
+
+/// "3s", "250ms", rounded up so that waiting that long is always enough.
+fn human_wait(wait: Duration) -> String {
+    if wait < Duration::from_secs(1) {
+        format!("{}ms", wait.as_millis().max(1))
+    } else {
+        format!("{}s", wait.as_secs_f64().ceil() as u64)
+    }
 }
 
 #[derive(Serialize)]
@@ -80,11 +106,30 @@ impl ProxyError {
             | Self::UpstreamReset { .. }
             | Self::UpstreamBrokeMidResponse { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::SharedLimiterUnavailable { .. } | Self::CircuitOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// When the app should try again, sent as `Retry-After` and `retry-after-ms` (which the
+    /// OpenAI SDKs honour).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } | Self::CircuitOpen { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            Self::SharedLimiterUnavailable { .. } => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 
     /// OpenAI's `error.type`: the class of error.
     fn kind(&self) -> &'static str {
+        if let Self::RateLimited { limit, .. } = self {
+            return limit.openai_type();
+        }
         match self.status() {
             s if s.is_client_error() => "invalid_request_error",
             _ => "llmesh_error",
@@ -108,6 +153,9 @@ impl ProxyError {
             Self::UpstreamReset { .. } => "upstream_reset",
             Self::UpstreamBrokeMidResponse { .. } => "upstream_stream_broken",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::SharedLimiterUnavailable { .. } => "rate_limiter_unavailable",
+            Self::CircuitOpen { .. } => "circuit_open",
         }
     }
 
@@ -175,6 +223,24 @@ mod tests {
         assert_eq!(
             v["error"]["message"],
             "Endpoint 'chat': upstream did not send response headers within 5s."
+        );
+    }
+
+    #[test]
+    fn rate_limits_look_like_openai_s() {
+        let err = ProxyError::RateLimited {
+            endpoint: "chat".into(),
+            limit: LimitKind::TokensPerMinute,
+            value: Some(10000),
+            retry_after: Duration::from_millis(2100),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(err.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(v["error"]["type"], "tokens");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(
+            v["error"]["message"],
+            "Rate limit reached for endpoint 'chat' on tokens per minute (limit 10000). Please try again in 3s."
         );
     }
 

@@ -363,6 +363,7 @@ async fn maps_upstream_failures_to_502_and_504() {
         &upstream,
         &format!(
             "    timeouts: {{connect: 200ms, firstByte: 300ms}}
+    retry: {{maxAttempts: 1}}
   - {{name: gone, provider: openai-compatible, baseUrl: 'http://127.0.0.1:{closed_port}/v1', model: m}}
 "
         ),

@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{Duration, ParseDurationError, DURATION_PATTERN};
 pub(crate) use load::hex as hex_digest;
-pub use resilience::{
-    CircuitBreakerConfig, LimitScope, LimitsConfig, RedisConfig, RedisFailurePolicy, RetryBudgetConfig,
-    RetryConfig,
-};
 pub use load::{config_hash, ConfigSource, LoadError, LoadedConfig, RawConfig};
+pub use resilience::{
+    CircuitBreakerConfig, LimitScope, LimitsConfig, RedisConfig, RedisFailurePolicy,
+    RetryBudgetConfig, RetryConfig,
+};
 pub use validate::{validate, ConfigError, ValidationErrors};
 
 /// The whole configuration of one sidecar, as written in a single `--config` file.

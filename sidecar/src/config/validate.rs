@@ -241,7 +241,10 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
         }
     }
     if l.default_max_tokens == 0 {
-        c.fail(format!("{at}.limits.defaultMaxTokens"), "must be at least 1");
+        c.fail(
+            format!("{at}.limits.defaultMaxTokens"),
+            "must be at least 1",
+        );
     }
     match (l.scope, &l.redis) {
         (LimitScope::Global, None) => c.fail(
@@ -267,7 +270,10 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
                     "global scope needs requestsPerMinute, tokensPerMinute or maxConcurrent",
                 );
             }
-            if l.max_concurrent.is_some() && l.requests_per_minute.is_none() && l.tokens_per_minute.is_none() {
+            if l.max_concurrent.is_some()
+                && l.requests_per_minute.is_none()
+                && l.tokens_per_minute.is_none()
+            {
                 c.fail(
                     format!("{at}.limits.maxConcurrent"),
                     "is enforced per sidecar; a global scope needs requestsPerMinute or tokensPerMinute",

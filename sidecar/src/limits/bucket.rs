@@ -65,9 +65,15 @@ mod tests {
         b.take(60.0);
         assert_eq!(b.wait(1.0, start), Duration::from_secs(1));
         assert_eq!(b.wait(1.0, start + Duration::from_secs(1)), Duration::ZERO);
-        assert_eq!(b.wait(60.0, start + Duration::from_secs(3600)), Duration::ZERO);
+        assert_eq!(
+            b.wait(60.0, start + Duration::from_secs(3600)),
+            Duration::ZERO
+        );
         b.take(60.0);
-        assert_eq!(b.wait(1.0, start + Duration::from_secs(3600)), Duration::from_secs(1));
+        assert_eq!(
+            b.wait(1.0, start + Duration::from_secs(3600)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -237,7 +237,9 @@ impl SharedBudget {
         }
         if self.available.swap(false, Ordering::Relaxed) {
             let policy = match self.policy() {
-                RedisFailurePolicy::FailOpen => "failOpen: limiting locally to a share of each limit",
+                RedisFailurePolicy::FailOpen => {
+                    "failOpen: limiting locally to a share of each limit"
+                }
                 RedisFailurePolicy::FailClosed => "failClosed: refusing requests",
             };
             tracing::warn!(endpoint = %self.endpoint, %error, peers = self.peers(), policy, "Redis is unreachable");

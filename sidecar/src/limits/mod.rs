@@ -63,8 +63,12 @@ impl LimitKind {
             Self::RequestsPerMinute => "requests per minute",
             Self::TokensPerMinute => "tokens per minute",
             Self::Concurrency => "concurrent requests",
-            Self::UpstreamRequests => "requests remaining at the provider (x-ratelimit-remaining-requests)",
-            Self::UpstreamTokens => "tokens remaining at the provider (x-ratelimit-remaining-tokens)",
+            Self::UpstreamRequests => {
+                "requests remaining at the provider (x-ratelimit-remaining-requests)"
+            }
+            Self::UpstreamTokens => {
+                "tokens remaining at the provider (x-ratelimit-remaining-tokens)"
+            }
             Self::Queue => "requests waiting in the queue",
         }
     }
@@ -139,11 +143,20 @@ enum Check {
     Refuse(LimitError),
 }
 
+/// Tokens a request reserves: its prompt, and the most it may generate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reservation {
+    pub prompt: u64,
+    pub output: u64,
+}
+
 /// A request's admission: holds its concurrency slot and token reservation until the
 /// response ends.
 pub struct Permit {
     limiter: Arc<Limiter>,
     reserved_tokens: u64,
+    /// The prompt's share of the reservation, for estimating use when no `usage` comes.
+    prompt_tokens: u64,
     settled: bool,
 }
 
@@ -202,20 +215,48 @@ impl Limiter {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the counters half-updated in a way
         // that matters more than refusing all traffic would, so keep going.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Waits for admission of a request that reserves `tokens`, until `deadline` at the latest.
-    pub async fn acquire(self: &Arc<Self>, tokens: u64, deadline: Instant) -> Result<Permit, LimitError> {
+    pub async fn acquire(
+        self: &Arc<Self>,
+        tokens: u64,
+        deadline: Instant,
+    ) -> Result<Permit, LimitError> {
+        self.acquire_for(
+            Reservation {
+                prompt: 0,
+                output: tokens,
+            },
+            deadline,
+        )
+        .await
+    }
+
+    /// Waits for admission of a request that reserves its prompt plus its possible output.
+    pub async fn acquire_for(
+        self: &Arc<Self>,
+        reservation: Reservation,
+        deadline: Instant,
+    ) -> Result<Permit, LimitError> {
+        let tokens = reservation.prompt + reservation.output;
+        let prompt = reservation.prompt;
         let now = Instant::now();
         let give_up_at = (now + self.config.queue_timeout.get()).min(deadline);
         let ticket = {
             let mut state = self.lock();
             if state.queue.is_empty() {
                 match self.check(&mut state, tokens, now) {
-                    Check::Admit => return Ok(self.admit(&mut state, tokens)),
+                    Check::Admit => return Ok(self.admit(&mut state, tokens, prompt)),
                     Check::Refuse(e) => return Err(e),
-                    Check::Wait { limit, after, lease } => {
+                    Check::Wait {
+                        limit,
+                        after,
+                        lease,
+                    } => {
                         if let Some(dim) = lease {
                             self.start_lease(&mut state, dim, tokens);
                         }
@@ -252,13 +293,17 @@ impl Limiter {
                         Check::Admit => {
                             state.queue.pop_front();
                             waiting.ticket = u64::MAX;
-                            let permit = self.admit(&mut state, tokens);
+                            let permit = self.admit(&mut state, tokens, prompt);
                             drop(state);
                             self.changed.notify_waiters();
                             return Ok(permit);
                         }
                         Check::Refuse(e) => return Err(e),
-                        Check::Wait { limit, after, lease } => {
+                        Check::Wait {
+                            limit,
+                            after,
+                            lease,
+                        } => {
                             last_limit = limit;
                             if let Some(dim) = lease {
                                 self.start_lease(&mut state, dim, tokens);
@@ -311,8 +356,16 @@ impl Limiter {
         }
         let tokens = tokens as f64;
         for (allowance, cost, limit) in [
-            (&mut state.upstream_requests, 1.0, LimitKind::UpstreamRequests),
-            (&mut state.upstream_tokens, tokens, LimitKind::UpstreamTokens),
+            (
+                &mut state.upstream_requests,
+                1.0,
+                LimitKind::UpstreamRequests,
+            ),
+            (
+                &mut state.upstream_tokens,
+                tokens,
+                LimitKind::UpstreamTokens,
+            ),
         ] {
             if let Some(a) = allowance {
                 if now >= a.reset_at {
@@ -323,7 +376,12 @@ impl Limiter {
             }
         }
         let shared_down = self.shared.as_ref().is_some_and(|s| !s.is_available());
-        if shared_down && self.shared.as_ref().is_some_and(|s| s.policy() == RedisFailurePolicy::FailClosed) {
+        if shared_down
+            && self
+                .shared
+                .as_ref()
+                .is_some_and(|s| s.policy() == RedisFailurePolicy::FailClosed)
+        {
             return Check::Refuse(LimitError::SharedUnavailable);
         }
         let peers = self.shared.as_ref().map_or(1, |s| s.peers());
@@ -370,7 +428,7 @@ impl Limiter {
         Check::Admit
     }
 
-    fn admit(self: &Arc<Self>, state: &mut State, tokens: u64) -> Permit {
+    fn admit(self: &Arc<Self>, state: &mut State, tokens: u64, prompt_tokens: u64) -> Permit {
         let now = Instant::now();
         state.in_flight += 1;
         let cost = tokens as f64;
@@ -404,6 +462,7 @@ impl Limiter {
         Permit {
             limiter: Arc::clone(self),
             reserved_tokens: tokens,
+            prompt_tokens,
             settled: false,
         }
     }
@@ -437,8 +496,9 @@ impl Limiter {
                     match result {
                         Ok(grant) => {
                             pool.units += grant.granted;
-                            pool.lease_again_at = (grant.granted < want)
-                                .then(|| Instant::now() + grant.retry_after.max(Duration::from_millis(5)));
+                            pool.lease_again_at = (grant.granted < want).then(|| {
+                                Instant::now() + grant.retry_after.max(Duration::from_millis(5))
+                            });
                         }
                         Err(_) => pool.lease_again_at = None,
                     }
@@ -489,7 +549,9 @@ impl Limiter {
                 }
             }
             if returns.is_empty() && shared.due_for_reconnect(now) {
-                if let Some(Dimension::Shared(pool)) = state.requests.as_ref().or(state.tokens.as_ref()) {
+                if let Some(Dimension::Shared(pool)) =
+                    state.requests.as_ref().or(state.tokens.as_ref())
+                {
                     returns.push((pool.dim, pool.per_minute, 0.0));
                 }
             }
@@ -616,7 +678,9 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
             .filter(|&i| i > 0)?;
         let number: f64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let factor = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -657,8 +721,22 @@ impl Permit {
         self.limiter.release(self.reserved_tokens, used);
     }
 
-    pub fn reserved_tokens(&self) -> u64 {
-        self.reserved_tokens
+    /// Settles from what the response said: its `usage`; else, for a stream, the prompt plus
+    /// one token per chunk; else the reservation as charged. An error answer without usage
+    /// generated nothing and returns the whole reservation.
+    pub fn settle_from_response(
+        self,
+        usage: Option<u64>,
+        streamed_chunks: Option<u64>,
+        success: bool,
+    ) {
+        let used = match (usage, streamed_chunks) {
+            (Some(used), _) => Some(used),
+            _ if !success => Some(0),
+            (None, Some(chunks)) => Some(self.prompt_tokens + chunks),
+            (None, None) => None,
+        };
+        self.settle(used);
     }
 }
 

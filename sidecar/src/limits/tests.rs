@@ -173,7 +173,11 @@ async fn unused_reservations_come_back_and_overruns_are_charged() {
     let limiter = Limiter::new("chat", &limits("tokensPerMinute: 1000\nqueueTimeout: 0ms"));
     limiter.acquire(900, far()).await.unwrap().settle(Some(100));
     // 900 left: another 900 fits now.
-    limiter.acquire(900, far()).await.unwrap().settle(Some(1000));
+    limiter
+        .acquire(900, far())
+        .await
+        .unwrap()
+        .settle(Some(1000));
     // 900 - 1000 = -100 left: even 1 token waits.
     assert!(limiter.acquire(1, far()).await.is_err());
     // A request that never got an answer returns its whole reservation.
@@ -196,14 +200,20 @@ async fn a_waiter_that_goes_away_leaves_the_queue() {
     let _ = gone.await;
     drop(held);
     let admitted = tokio::time::timeout(Duration::from_secs(1), limiter.acquire(0, far())).await;
-    assert!(admitted.is_ok(), "the cancelled waiter still blocked the queue");
+    assert!(
+        admitted.is_ok(),
+        "the cancelled waiter still blocked the queue"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn provider_headers_hold_requests_until_the_reset() {
     let limiter = Limiter::new("chat", &LimitsConfig::default());
     let mut headers = HeaderMap::new();
-    headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("1"));
+    headers.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from_static("1"),
+    );
     headers.insert("x-ratelimit-reset-requests", HeaderValue::from_static("2s"));
     limiter.observe_upstream(&headers);
     let start = Instant::now();
@@ -222,7 +232,10 @@ async fn no_limits_admit_at_once() {
         queue_timeout: ConfigDuration::from_millis(0),
         ..LimitsConfig::default()
     };
-    assert!(Limiter::new("chat", &config).acquire(10, far()).await.is_ok());
+    assert!(Limiter::new("chat", &config)
+        .acquire(10, far())
+        .await
+        .is_ok());
 }
 
 async fn futures_lite_join(limiter: &Arc<Limiter>, n: usize) -> Vec<Permit> {
@@ -238,7 +251,10 @@ fn reset_durations_in_openai_format() {
     assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
     assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
     assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
-    assert_eq!(parse_reset("1h2m3.5s"), Some(Duration::from_secs_f64(3723.5)));
+    assert_eq!(
+        parse_reset("1h2m3.5s"),
+        Some(Duration::from_secs_f64(3723.5))
+    );
     assert_eq!(parse_reset("7"), Some(Duration::from_secs(7)));
     assert_eq!(parse_reset("soon"), None);
     assert_eq!(parse_reset("5x"), None);

@@ -171,26 +171,23 @@ impl Prompt {
     }
 
     /// Prompt tokens: counted with `encoding` if it is loaded, else estimated.
-    pub async fn count(self, encoding: Encoding) -> u64 {
-        let Prompt {
-            text, fixed_tokens, ..
-        } = self;
+    pub async fn count(&self, encoding: Encoding) -> u64 {
         let Some(bpe) = encoding.loaded_bpe() else {
-            return fixed_tokens + estimate(&text);
+            return self.fixed_tokens + estimate_bytes(self.text.len());
         };
-        if text.len() <= INLINE_TEXT_BYTES {
-            return fixed_tokens + bpe.encode_ordinary(&text).len() as u64;
+        if self.text.len() <= INLINE_TEXT_BYTES {
+            return self.fixed_tokens + bpe.encode_ordinary(&self.text).len() as u64;
         }
-        let text_len = text.len();
+        let text = self.text.clone();
         let counted =
             tokio::task::spawn_blocking(move || bpe.encode_ordinary(&text).len() as u64).await;
-        fixed_tokens + counted.unwrap_or(text_len as u64 / 4)
+        self.fixed_tokens + counted.unwrap_or_else(|_| estimate_bytes(self.text.len()))
     }
 }
 
 /// Four bytes a token: OpenAI's own rule of thumb for English text.
-pub fn estimate(text: &str) -> u64 {
-    (text.len() as u64).div_ceil(4)
+pub fn estimate_bytes(len: usize) -> u64 {
+    (len as u64).div_ceil(4)
 }
 
 #[cfg(test)]
@@ -214,7 +211,10 @@ mod tests {
         assert_eq!(Encoding::for_model("gpt-4o-mini"), Encoding::O200k);
         assert_eq!(Encoding::for_model("gpt-4.1"), Encoding::O200k);
         assert_eq!(Encoding::for_model("gpt-4"), Encoding::Cl100k);
-        assert_eq!(Encoding::for_model("text-embedding-3-small"), Encoding::Cl100k);
+        assert_eq!(
+            Encoding::for_model("text-embedding-3-small"),
+            Encoding::Cl100k
+        );
         assert_eq!(Encoding::for_model("llama-3.1-8b"), Encoding::Estimate);
     }
 
@@ -236,9 +236,15 @@ mod tests {
     #[tokio::test]
     async fn token_arrays_and_unknown_models() {
         let body = br#"{"model":"x","input":[[1,2,3],[4,5]]}"#;
-        assert_eq!(Prompt::from_request(body).count(Encoding::Estimate).await, 5);
+        assert_eq!(
+            Prompt::from_request(body).count(Encoding::Estimate).await,
+            5
+        );
         let body = br#"{"model":"x","prompt":"abcdefgh"}"#;
         // "abcdefgh\n" is 9 bytes: 3 estimated tokens.
-        assert_eq!(Prompt::from_request(body).count(Encoding::Estimate).await, 3);
+        assert_eq!(
+            Prompt::from_request(body).count(Encoding::Estimate).await,
+            3
+        );
     }
 }

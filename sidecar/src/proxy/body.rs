@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::log::{Outcome, RequestLog};
+use super::usage::UsageTap;
 use crate::error::ProxyError;
+use crate::limits::Permit;
 use crate::provider::mock::MockStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,17 +36,40 @@ impl BodyKind {
 pub struct ResponseBody {
     kind: BodyKind,
     log: Option<RequestLog>,
+    accounting: Option<Accounting>,
+}
+
+/// A model call's response: its `usage` is read as it passes, and settles the call's
+/// admission (concurrency slot, token reservation) when it ends.
+pub struct Accounting {
+    pub tap: UsageTap,
+    pub permit: Option<Permit>,
+    pub success: bool,
 }
 
 impl ResponseBody {
-    pub fn new(kind: BodyKind, log: RequestLog) -> Self {
+    pub fn new(kind: BodyKind, log: RequestLog, accounting: Option<Accounting>) -> Self {
         Self {
             kind,
             log: Some(log),
+            accounting,
         }
     }
 
     fn finish(&mut self, outcome: Outcome) {
+        if let Some(accounting) = self.accounting.take() {
+            let usage = accounting.tap.usage();
+            if let Some(permit) = accounting.permit {
+                permit.settle_from_response(
+                    usage.map(|u| u.total()),
+                    accounting.tap.streamed_chunks(),
+                    accounting.success,
+                );
+            }
+            if let (Some(log), Some(usage)) = (self.log.as_mut(), usage) {
+                log.usage = Some(usage);
+            }
+        }
         if let Some(log) = self.log.take() {
             log.write(outcome);
         }
@@ -75,6 +100,11 @@ impl Body for ResponseBody {
             },
             BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
         };
+        if let (Poll::Ready(Some(Ok(frame))), Some(accounting)) = (&polled, &mut this.accounting) {
+            if let Some(data) = frame.data_ref() {
+                accounting.tap.observe(data);
+            }
+        }
         match &polled {
             Poll::Ready(None) => this.finish(this.ended_outcome()),
             Poll::Ready(Some(Err(_))) => this.finish(this.ended_outcome()),

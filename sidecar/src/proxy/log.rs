@@ -32,6 +32,8 @@ pub struct RequestLog {
     pub status: u16,
     pub started: Instant,
     pub headers_sent_after: Option<std::time::Duration>,
+    pub attempts: u32,
+    pub usage: Option<super::usage::Usage>,
 }
 
 impl RequestLog {
@@ -45,6 +47,8 @@ impl RequestLog {
             status: 0,
             started: Instant::now(),
             headers_sent_after: None,
+            attempts: 0,
+            usage: None,
         }
     }
 
@@ -61,6 +65,9 @@ impl RequestLog {
             status = self.status,
             latency_ms,
             headers_ms,
+            attempts = self.attempts,
+            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
+            completion_tokens = self.usage.map(|u| u.completion_tokens),
             outcome = outcome.as_str(),
             "request"
         );

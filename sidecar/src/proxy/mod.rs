@@ -2,12 +2,14 @@
 //!
 //! `handle` → request id → route by path → read and parse the body (JSON routes) → select
 //! the endpoint → answer from the mock or forward upstream → response headers and log.
-//! Later stages (retries, rate limits, metrics) wrap `dispatch` without changing the rest.
+//! `dispatch` runs the call across the endpoint and its fallbacks, with retries and limits.
 
 mod body;
+mod dispatch;
 mod forward;
 mod json;
 mod log;
+mod usage;
 
 use std::sync::Arc;
 
@@ -15,15 +17,17 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
 pub use body::ResponseBody;
-use body::{BodyKind, UpstreamBody};
+use body::{Accounting, BodyKind, UpstreamBody};
+use dispatch::CallBody;
 use json::RequestJson;
 use log::RequestLog;
+use usage::UsageTap;
 
 use crate::error::{ProxyError, JSON};
 use crate::provider::mock::{self, MockResponse};
@@ -33,6 +37,11 @@ use crate::snapshot::{Backend, Endpoint, Snapshot};
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Request: the app picks an endpoint by name. Response: the endpoint that served.
 pub static LLMESH_ENDPOINT: HeaderName = HeaderName::from_static("x-llmesh-endpoint");
+/// Response: how many upstream attempts the answer took, across endpoints.
+pub static LLMESH_ATTEMPTS: HeaderName = HeaderName::from_static("x-llmesh-attempts");
+/// Response (429): which limit refused the request.
+pub static LLMESH_LIMIT: HeaderName = HeaderName::from_static("x-llmesh-limit");
+static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 
 /// Routes whose JSON body is read to select the endpoint and rewrite `model`.
 const JSON_ROUTES: &[&str] = &[
@@ -50,10 +59,16 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
         request.uri().path().to_string(),
     );
     let snapshot = state.snapshot();
-    let (mut response, endpoint) = match route(&snapshot, request, &request_id, &mut log).await {
-        Ok(answer) => answer,
-        Err((error, endpoint)) => (error_response(&error), endpoint),
+    let served = match route(&snapshot, request, &request_id, &mut log).await {
+        Ok(served) => served,
+        Err(failure) => failure.into_served(),
     };
+    let Served {
+        mut response,
+        endpoint,
+        attempts,
+        accounting,
+    } = served;
     let headers = response.headers_mut();
     headers.insert(REQUEST_ID.clone(), request_id);
     if let Some(endpoint) = endpoint {
@@ -61,34 +76,93 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
             headers.insert(LLMESH_ENDPOINT.clone(), value);
         }
     }
+    if attempts > 0 {
+        headers.insert(LLMESH_ATTEMPTS.clone(), HeaderValue::from(attempts));
+    }
+    log.attempts = attempts;
     log.status = response.status().as_u16();
     log.headers_sent_after = Some(log.started.elapsed());
-    response.map(|kind| ResponseBody::new(kind, log))
+    response.map(|kind| ResponseBody::new(kind, log, accounting))
 }
 
-type Answer = (Response<BodyKind>, Option<Arc<Endpoint>>);
-type Failure = (ProxyError, Option<Arc<Endpoint>>);
+/// A response ready to go, with what the log and the admission need when it ends.
+struct Served {
+    response: Response<BodyKind>,
+    endpoint: Option<Arc<Endpoint>>,
+    attempts: u32,
+    accounting: Option<Accounting>,
+}
+
+impl Served {
+    fn local(response: Response<BodyKind>) -> Self {
+        Self {
+            response,
+            endpoint: None,
+            attempts: 0,
+            accounting: None,
+        }
+    }
+}
+
+struct Failure {
+    error: ProxyError,
+    endpoint: Option<Arc<Endpoint>>,
+    attempts: u32,
+}
+
+impl Failure {
+    fn new(error: ProxyError, endpoint: Option<Arc<Endpoint>>) -> Self {
+        Self {
+            error,
+            endpoint,
+            attempts: 0,
+        }
+    }
+
+    fn into_served(self) -> Served {
+        Served {
+            response: error_response(&self.error),
+            endpoint: self.endpoint,
+            attempts: self.attempts,
+            accounting: None,
+        }
+    }
+}
+
+impl From<dispatch::Failure> for Failure {
+    fn from(f: dispatch::Failure) -> Self {
+        Self {
+            error: f.error,
+            endpoint: Some(f.endpoint),
+            attempts: f.attempts,
+        }
+    }
+}
 
 async fn route(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
-) -> Result<Answer, Failure> {
+) -> Result<Served, Failure> {
     let path = request.uri().path();
     let Some(api_path) = path.strip_prefix("/v1").filter(|p| p.starts_with('/')) else {
-        return Err((unknown_route(&request), None));
+        return Err(Failure::new(unknown_route(&request), None));
     };
     let api_path = api_path.to_string();
     match (request.method(), api_path.as_str()) {
-        (&Method::GET, "/models") => {
-            Ok((json_response(StatusCode::OK, models_list(snapshot)), None))
-        }
+        (&Method::GET, "/models") => Ok(Served::local(json_response(
+            StatusCode::OK,
+            models_list(snapshot),
+        ))),
         (&Method::GET, p) if p.starts_with("/models/") => {
             let id = &p["/models/".len()..];
             match snapshot.by_model(id) {
-                Some(e) => Ok((json_response(StatusCode::OK, model_object(id, e)), None)),
-                None => Err((ProxyError::UnknownModel(id.to_string()), None)),
+                Some(e) => Ok(Served::local(json_response(
+                    StatusCode::OK,
+                    model_object(id, e),
+                ))),
+                None => Err(Failure::new(ProxyError::UnknownModel(id.to_string()), None)),
             }
         }
         (&Method::POST, p) if JSON_ROUTES.contains(&p) => {
@@ -98,17 +172,18 @@ async fn route(
     }
 }
 
-/// A JSON API call: the body is read whole (it is needed to choose the endpoint and is
-/// small next to the model's work), `model` selects the endpoint and is rewritten.
+/// A JSON API call: the body is read whole (it is needed to choose the endpoint, to count
+/// tokens and to replay it on a retry, and is small next to the model's work), `model`
+/// selects the endpoint and is rewritten.
 async fn json_call(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     api_path: &str,
     request_id: &HeaderValue,
     log: &mut RequestLog,
-) -> Result<Answer, Failure> {
+) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
-    let by_header = endpoint_from_header(snapshot, &parts).map_err(|e| (e, None))?;
+    let by_header = endpoint_from_header(snapshot, &parts).map_err(|e| Failure::new(e, None))?;
     // Until the endpoint is known, accept up to the largest limit of any candidate.
     let read_limit = match &by_header {
         Some(e) => e.config.max_request_body_bytes,
@@ -121,8 +196,8 @@ async fn json_call(
     };
     let bytes = read_body(&parts, body, read_limit)
         .await
-        .map_err(|e| (e, by_header.clone()))?;
-    let json = RequestJson::parse(&bytes).map_err(|e| (e, by_header.clone()))?;
+        .map_err(|e| Failure::new(e, by_header.clone()))?;
+    let json = RequestJson::parse(&bytes).map_err(|e| Failure::new(e, by_header.clone()))?;
     let model = json.model();
     log.model = model.as_deref().map(str::to_string);
 
@@ -130,121 +205,185 @@ async fn json_call(
         (Some(e), _) => e,
         (None, Some(model)) => match snapshot.by_model(model).or(snapshot.default_endpoint()) {
             Some(e) => Arc::clone(e),
-            None => return Err((ProxyError::UnknownModel(model.to_string()), None)),
+            None => {
+                return Err(Failure::new(
+                    ProxyError::UnknownModel(model.to_string()),
+                    None,
+                ))
+            }
         },
         (None, None) => match snapshot.default_endpoint() {
             Some(e) => Arc::clone(e),
-            None => return Err((ProxyError::NoEndpointSelected, None)),
+            None => return Err(Failure::new(ProxyError::NoEndpointSelected, None)),
         },
     };
     log.endpoint = Some(endpoint.name().to_string());
-    let fail = |e: ProxyError| (e, Some(Arc::clone(&endpoint)));
     let limit = endpoint.config.max_request_body_bytes;
     if bytes.len() as u64 > limit {
-        return Err(fail(ProxyError::BodyTooLarge { limit }));
+        return Err(Failure::new(
+            ProxyError::BodyTooLarge { limit },
+            Some(endpoint),
+        ));
     }
 
-    let response = match &endpoint.backend {
-        Backend::Mock(config) => {
+    let outcome = dispatch::run(dispatch::Call {
+        snapshot,
+        primary: endpoint,
+        parts: &parts,
+        api_path,
+        request_id,
+        body: CallBody::Json {
+            bytes: &bytes,
+            json: &json,
+        },
+    })
+    .await?;
+    match outcome {
+        dispatch::Outcome::Mock {
+            endpoint,
+            permit,
+            attempts,
+        } => {
+            log.endpoint = Some(endpoint.name().to_string());
+            let Backend::Mock(config) = &endpoint.backend else {
+                return Err(Failure::new(ProxyError::NoEndpointSelected, Some(endpoint)));
+            };
             let answer = mock::respond(
                 api_path,
                 &bytes,
                 &endpoint.config.model,
                 config,
                 request_id.to_str().unwrap_or(""),
-            )
-            .map_err(fail)?;
+            );
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(e) => return Err(Failure::new(e, Some(endpoint))),
+            };
             if !config.latency.is_zero() {
                 tokio::time::sleep(config.latency.get()).await;
             }
-            match answer {
-                MockResponse::Json(body) => json_response(StatusCode::OK, body),
-                MockResponse::Stream(stream) => sse_response(BodyKind::Mock(stream)),
-            }
-        }
-        Backend::Upstream(upstream) => {
-            let rewritten = Bytes::from(json.with_model(&endpoint.config.model, bytes.len()));
-            let deadline = Instant::now() + endpoint.config.timeouts.total.get();
-            let call = forward::UpstreamCall {
-                endpoint: &endpoint,
-                upstream,
-                parts: &parts,
-                api_path,
-                content_length: Some(rewritten.len() as u64),
-                body: Either::Left(Full::new(rewritten)),
-                request_id,
-                deadline,
+            let (response, sse) = match answer {
+                MockResponse::Json(body) => (json_response(StatusCode::OK, body), false),
+                MockResponse::Stream(stream) => (sse_response(BodyKind::Mock(stream)), true),
             };
-            let response = forward::send(call).await.map_err(fail)?;
-            upstream_response(response, &endpoint, deadline)
+            Ok(Served {
+                response,
+                endpoint: Some(endpoint),
+                attempts,
+                accounting: Some(Accounting {
+                    tap: UsageTap::new(sse),
+                    permit: Some(permit),
+                    success: true,
+                }),
+            })
         }
-    };
-    Ok((response, Some(endpoint)))
+        dispatch::Outcome::Upstream(answer) => {
+            log.endpoint = Some(answer.endpoint.name().to_string());
+            let success = answer.response.status().is_success();
+            let (response, sse) =
+                upstream_response(answer.response, &answer.endpoint, answer.deadline);
+            Ok(Served {
+                response,
+                endpoint: Some(answer.endpoint),
+                attempts: answer.attempts,
+                accounting: Some(Accounting {
+                    tap: UsageTap::new(sse),
+                    permit: answer.permit,
+                    success,
+                }),
+            })
+        }
+    }
 }
 
 /// Any other `/v1/*` call (files, batches, audio, ...): the body streams through untouched
-/// to the endpoint named in the header, else the default one.
+/// to the endpoint named in the header, else the default one. Only calls without a body are
+/// retried, since a streamed body cannot be replayed.
 async fn passthrough(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     api_path: &str,
     request_id: &HeaderValue,
     log: &mut RequestLog,
-) -> Result<Answer, Failure> {
+) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
-    let endpoint = match endpoint_from_header(snapshot, &parts).map_err(|e| (e, None))? {
-        Some(e) => e,
-        None => match snapshot.default_endpoint() {
-            Some(e) => Arc::clone(e),
-            None => return Err((ProxyError::NoEndpointSelected, None)),
-        },
-    };
+    let endpoint =
+        match endpoint_from_header(snapshot, &parts).map_err(|e| Failure::new(e, None))? {
+            Some(e) => e,
+            None => match snapshot.default_endpoint() {
+                Some(e) => Arc::clone(e),
+                None => return Err(Failure::new(ProxyError::NoEndpointSelected, None)),
+            },
+        };
     log.endpoint = Some(endpoint.name().to_string());
-    let fail = |e: ProxyError| (e, Some(Arc::clone(&endpoint)));
-    let upstream = match &endpoint.backend {
-        Backend::Mock(_) => {
-            return Err(fail(ProxyError::NotImplementedByMock(format!(
-                "{} /v1{api_path}",
-                parts.method
-            ))))
-        }
-        Backend::Upstream(upstream) => upstream,
-    };
+    if let Backend::Mock(_) = &endpoint.backend {
+        let error = ProxyError::NotImplementedByMock(format!("{} /v1{api_path}", parts.method));
+        return Err(Failure::new(error, Some(endpoint)));
+    }
     let limit = endpoint.config.max_request_body_bytes;
     let content_length = declared_length(&parts);
     if content_length.is_some_and(|len| len > limit) {
-        return Err(fail(ProxyError::BodyTooLarge { limit }));
+        return Err(Failure::new(
+            ProxyError::BodyTooLarge { limit },
+            Some(endpoint),
+        ));
     }
-    let deadline = Instant::now() + endpoint.config.timeouts.total.get();
-    let call = forward::UpstreamCall {
-        endpoint: &endpoint,
-        upstream,
+    let bodiless = content_length == Some(0)
+        || (content_length.is_none() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+    let call_body = if bodiless {
+        CallBody::Empty
+    } else {
+        CallBody::Stream(
+            Some(Either::Right(Limited::new(body, limit as usize))),
+            content_length,
+        )
+    };
+    let outcome = dispatch::run(dispatch::Call {
+        snapshot,
+        primary: endpoint,
         parts: &parts,
         api_path,
-        content_length,
-        body: Either::Right(Limited::new(body, limit as usize)),
         request_id,
-        deadline,
-    };
-    let response = forward::send(call).await.map_err(fail)?;
-    Ok((
-        upstream_response(response, &endpoint, deadline),
-        Some(endpoint),
-    ))
+        body: call_body,
+    })
+    .await?;
+    match outcome {
+        dispatch::Outcome::Upstream(answer) => {
+            let (response, _) =
+                upstream_response(answer.response, &answer.endpoint, answer.deadline);
+            Ok(Served {
+                response,
+                endpoint: Some(answer.endpoint),
+                attempts: answer.attempts,
+                accounting: answer.permit.map(|permit| Accounting {
+                    tap: UsageTap::new(false),
+                    permit: Some(permit),
+                    success: true,
+                }),
+            })
+        }
+        // Fallbacks of a passthrough call are not followed (a streamed body cannot be
+        // replayed, and files or batches live on one provider), so a mock here is the primary,
+        // which was refused above.
+        dispatch::Outcome::Mock { endpoint, .. } => Err(Failure::new(
+            ProxyError::NotImplementedByMock(format!("{} /v1{api_path}", parts.method)),
+            Some(endpoint),
+        )),
+    }
 }
 
 fn upstream_response(
     response: Response<Incoming>,
     endpoint: &Endpoint,
     deadline: Instant,
-) -> Response<BodyKind> {
+) -> (Response<BodyKind>, bool) {
     let sse = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     let timeouts = &endpoint.config.timeouts;
-    response.map(|body| {
+    let response = response.map(|body| {
         BodyKind::Upstream(UpstreamBody::new(
             body,
             endpoint.name(),
@@ -253,7 +392,8 @@ fn upstream_response(
             deadline,
             timeouts.total.get(),
         ))
-    })
+    });
+    (response, sse)
 }
 
 fn endpoint_from_header(
@@ -360,5 +500,21 @@ fn sse_response(body: BodyKind) -> Response<BodyKind> {
 }
 
 fn error_response(error: &ProxyError) -> Response<BodyKind> {
-    json_response(error.status(), error.body())
+    let mut response = json_response(error.status(), error.body());
+    if let Some(wait) = error.retry_after() {
+        let headers = response.headers_mut();
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        headers.insert(
+            RETRY_AFTER_MS.clone(),
+            HeaderValue::from(wait.as_millis().max(1) as u64),
+        );
+    }
+    if let ProxyError::RateLimited { limit, .. } = error {
+        response.headers_mut().insert(
+            LLMESH_LIMIT.clone(),
+            HeaderValue::from_static(limit.as_str()),
+        );
+    }
+    response
 }

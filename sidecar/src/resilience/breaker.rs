@@ -17,18 +17,26 @@ pub struct CircuitBreaker {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One probe is out; if it never reports (its request was cancelled), another is let
     /// through after a cooldown.
-    HalfOpen { probe_started: Instant },
+    HalfOpen {
+        probe_started: Instant,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Allowed,
     /// The circuit is open; it may let a probe through after this long.
-    Rejected { retry_after: Duration },
+    Rejected {
+        retry_after: Duration,
+    },
 }
 
 impl CircuitBreaker {

@@ -44,7 +44,10 @@ impl RetryBudget {
             return false;
         };
         let (mut requests, mut retries) = (0u64, 0u64);
-        for slot in slots.iter().filter(|s| now - s.second < WINDOW_SECONDS as u64) {
+        for slot in slots
+            .iter()
+            .filter(|s| now - s.second < WINDOW_SECONDS as u64)
+        {
             requests += u64::from(slot.requests);
             retries += u64::from(slot.retries);
         }
@@ -120,7 +123,10 @@ mod tests {
         }
         assert_eq!((0..10).filter(|_| budget.try_withdraw()).count(), 5);
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!budget.try_withdraw(), "no requests in the window, no retries");
+        assert!(
+            !budget.try_withdraw(),
+            "no requests in the window, no retries"
+        );
         for _ in 0..4 {
             budget.record_request();
         }

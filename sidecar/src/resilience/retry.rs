@@ -90,10 +90,16 @@ mod tests {
     #[test]
     fn only_transient_statuses_are_retried() {
         for code in [429, 500, 502, 503, 504] {
-            assert!(retryable_status(StatusCode::from_u16(code).unwrap()).is_some(), "{code}");
+            assert!(
+                retryable_status(StatusCode::from_u16(code).unwrap()).is_some(),
+                "{code}"
+            );
         }
         for code in [200, 400, 401, 403, 404, 408, 409, 413, 422, 501] {
-            assert!(retryable_status(StatusCode::from_u16(code).unwrap()).is_none(), "{code}");
+            assert!(
+                retryable_status(StatusCode::from_u16(code).unwrap()).is_none(),
+                "{code}"
+            );
         }
     }
 

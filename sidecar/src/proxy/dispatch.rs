@@ -1,0 +1,323 @@
+//! One call across its endpoints: the primary, then its fallbacks in order. On each: the
+//! circuit breaker, admission by the limiter, then attempts with backoff for as long as the
+//! failures are retryable, the retry budget allows and the request's deadline is not passed.
+//!
+//! Retries happen only before any byte of a response has gone to the app: a response is
+//! returned (and streamed) only once it is the answer.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::forward::{self, UpstreamCall};
+use super::json::RequestJson;
+use crate::error::ProxyError;
+use crate::limits::tokens::{self, Prompt};
+use crate::limits::{LimitError, Permit, Reservation};
+use crate::resilience::breaker::Admission;
+use crate::resilience::retry::{self, RetryReason};
+use crate::snapshot::{Backend, Endpoint, Snapshot, Upstream};
+use crate::upstream_client::UpstreamRequestBody;
+
+/// How the request body is sent on each attempt.
+pub enum CallBody<'a> {
+    /// A JSON call: kept whole so that it can be replayed; `model` is rewritten per endpoint.
+    Json {
+        bytes: &'a Bytes,
+        json: &'a RequestJson<'a>,
+    },
+    /// No body (GET, DELETE, ...): safe to replay.
+    Empty,
+    /// A streamed body of unknown size: sent once, never retried.
+    Stream(Option<UpstreamRequestBody>, Option<u64>),
+}
+
+pub struct Call<'a> {
+    pub snapshot: &'a Snapshot,
+    pub primary: Arc<Endpoint>,
+    pub parts: &'a Parts,
+    pub api_path: &'a str,
+    pub request_id: &'a HeaderValue,
+    pub body: CallBody<'a>,
+}
+
+/// What answered, with what it holds until the response ends.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub endpoint: Arc<Endpoint>,
+    pub permit: Option<Permit>,
+    pub attempts: u32,
+    pub deadline: Instant,
+}
+
+/// A mock endpoint was chosen (as primary or fallback): the caller answers from it.
+pub enum Outcome {
+    Upstream(Answer),
+    Mock {
+        endpoint: Arc<Endpoint>,
+        permit: Permit,
+        attempts: u32,
+    },
+}
+
+pub struct Failure {
+    pub error: ProxyError,
+    pub endpoint: Arc<Endpoint>,
+    pub attempts: u32,
+}
+
+/// The last thing that went wrong, returned when no endpoint serves: an upstream's own error
+/// response is passed on as it is (its 429 stays visible to the app).
+enum LastFailure {
+    Response(Answer),
+    Error(ProxyError, Arc<Endpoint>),
+}
+
+pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
+    let deadline = Instant::now() + call.primary.config.timeouts.total.get();
+    let plan: Vec<Arc<Endpoint>> = std::iter::once(Arc::clone(&call.primary))
+        .chain(
+            call.primary
+                .fallbacks
+                .iter()
+                .filter_map(|name| call.snapshot.by_name(name).cloned()),
+        )
+        .collect();
+    let replayable = !matches!(call.body, CallBody::Stream(..));
+    let mut attempts = 0u32;
+    let mut last: Option<LastFailure> = None;
+    // The admission of the endpoint whose error response may be returned.
+    let mut last_permit: Option<Permit> = None;
+    let mut prompt: Option<Prompt> = None;
+
+    for (position, endpoint) in plan.iter().enumerate() {
+        if position > 0 && !replayable {
+            break;
+        }
+        let resilience = &endpoint.resilience;
+        if let Admission::Rejected { retry_after } = resilience.breaker.admit() {
+            let error = ProxyError::CircuitOpen {
+                endpoint: endpoint.name().to_string(),
+                retry_after,
+            };
+            // An upstream answer from an earlier endpoint says more than "circuit open".
+            if last.is_none() {
+                last = Some(LastFailure::Error(error, Arc::clone(endpoint)));
+            }
+            continue;
+        }
+        let reserve = reservation(&call.body, endpoint, &mut prompt).await;
+        let permit = match resilience.limiter.acquire_for(reserve, deadline).await {
+            Ok(permit) => permit,
+            Err(error) => {
+                return Err(Failure {
+                    error: limit_error(endpoint, error),
+                    endpoint: Arc::clone(endpoint),
+                    attempts,
+                })
+            }
+        };
+        let upstream = match &endpoint.backend {
+            Backend::Mock(_) => {
+                return Ok(Outcome::Mock {
+                    endpoint: Arc::clone(endpoint),
+                    permit,
+                    attempts: attempts + 1,
+                })
+            }
+            Backend::Upstream(upstream) => upstream,
+        };
+        resilience.budget.record_request();
+        let mut retry_number = 0;
+        loop {
+            attempts += 1;
+            let result = send_once(&mut call, endpoint, upstream, deadline).await;
+            let (reason, wait_hint) = match result {
+                Ok(response) => {
+                    resilience.limiter.observe_upstream(response.headers());
+                    match retry::retryable_status(response.status()) {
+                        None => {
+                            resilience.breaker.record(true);
+                            return Ok(Outcome::Upstream(Answer {
+                                response,
+                                endpoint: Arc::clone(endpoint),
+                                permit: Some(permit),
+                                attempts,
+                                deadline,
+                            }));
+                        }
+                        Some(reason) => {
+                            let hint = retry::retry_after(response.headers(), SystemTime::now());
+                            last = Some(LastFailure::Response(Answer {
+                                response,
+                                endpoint: Arc::clone(endpoint),
+                                permit: None,
+                                attempts,
+                                deadline,
+                            }));
+                            (reason, hint)
+                        }
+                    }
+                }
+                Err(error) => match retry_reason(&error) {
+                    Some(reason) => {
+                        last = Some(LastFailure::Error(error, Arc::clone(endpoint)));
+                        (reason, None)
+                    }
+                    // Not retryable anywhere (a missing key, an oversized body).
+                    None => {
+                        return Err(Failure {
+                            error,
+                            endpoint: Arc::clone(endpoint),
+                            attempts,
+                        })
+                    }
+                },
+            };
+            resilience.breaker.record(!reason.counts_against_breaker());
+            tracing::debug!(
+                endpoint = endpoint.name(),
+                attempt = attempts,
+                reason = reason.as_str(),
+                "attempt failed"
+            );
+            if !replayable || retry_number + 1 >= resilience.retry.max_attempts {
+                break;
+            }
+            retry_number += 1;
+            let wait = wait_hint.unwrap_or_else(|| retry::backoff(&resilience.retry, retry_number));
+            // Never sleep past the deadline: the last error is the answer then.
+            if Instant::now() + wait >= deadline {
+                break;
+            }
+            if !matches!(resilience.breaker.admit(), Admission::Allowed) {
+                break;
+            }
+            if !resilience.budget.try_withdraw() {
+                tracing::debug!(
+                    endpoint = endpoint.name(),
+                    "retry budget spent; not retrying"
+                );
+                break;
+            }
+            tokio::time::sleep(wait).await;
+        }
+        let answered_here =
+            matches!(&last, Some(LastFailure::Response(a)) if Arc::ptr_eq(&a.endpoint, endpoint));
+        last_permit = answered_here.then_some(permit);
+    }
+    match last {
+        Some(LastFailure::Response(mut answer)) => {
+            answer.permit = last_permit;
+            Ok(Outcome::Upstream(answer))
+        }
+        Some(LastFailure::Error(error, endpoint)) => Err(Failure {
+            error,
+            endpoint,
+            attempts,
+        }),
+        None => Err(Failure {
+            error: ProxyError::NoEndpointSelected,
+            endpoint: Arc::clone(&call.primary),
+            attempts,
+        }),
+    }
+}
+
+async fn send_once(
+    call: &mut Call<'_>,
+    endpoint: &Endpoint,
+    upstream: &Upstream,
+    deadline: Instant,
+) -> Result<Response<Incoming>, ProxyError> {
+    let (body, content_length): (UpstreamRequestBody, Option<u64>) = match &mut call.body {
+        CallBody::Json { bytes, json } => {
+            let rewritten = Bytes::from(json.with_model(&endpoint.config.model, bytes.len()));
+            let len = rewritten.len() as u64;
+            (Either::Left(Full::new(rewritten)), Some(len))
+        }
+        CallBody::Empty => (Either::Left(Full::new(Bytes::new())), None),
+        CallBody::Stream(body, len) => match body.take() {
+            Some(body) => (body, *len),
+            None => {
+                return Err(ProxyError::BodyRead(
+                    "the request body was already sent".to_string(),
+                ))
+            }
+        },
+    };
+    forward::send(UpstreamCall {
+        endpoint,
+        upstream,
+        parts: call.parts,
+        api_path: call.api_path,
+        body,
+        content_length,
+        request_id: call.request_id,
+        deadline,
+    })
+    .await
+}
+
+/// Failures before any response that another attempt may fix.
+fn retry_reason(error: &ProxyError) -> Option<RetryReason> {
+    match error {
+        ProxyError::UpstreamUnreachable { .. } => Some(RetryReason::ConnectFailed),
+        ProxyError::UpstreamReset { .. } => Some(RetryReason::Reset),
+        ProxyError::UpstreamTimeout { .. } => Some(RetryReason::Timeout),
+        _ => None,
+    }
+}
+
+/// Tokens the request reserves: its counted prompt plus what it may generate when the
+/// endpoint limits tokens, else a cheap size-based estimate (enough for the provider's
+/// remaining-tokens hint).
+async fn reservation(
+    body: &CallBody<'_>,
+    endpoint: &Endpoint,
+    prompt: &mut Option<Prompt>,
+) -> Reservation {
+    let CallBody::Json { bytes, .. } = body else {
+        return Reservation::default();
+    };
+    let limiter = &endpoint.resilience.limiter;
+    if !limiter.counts_tokens() {
+        return Reservation {
+            prompt: tokens::estimate_bytes(bytes.len()),
+            output: 0,
+        };
+    }
+    let parsed = prompt.get_or_insert_with(|| Prompt::from_request(bytes));
+    let output = parsed
+        .max_output
+        .unwrap_or(u64::from(limiter.default_max_tokens()))
+        * parsed.choices;
+    Reservation {
+        prompt: parsed.count(endpoint.resilience.encoding).await,
+        output,
+    }
+}
+
+fn limit_error(endpoint: &Endpoint, error: LimitError) -> ProxyError {
+    match error {
+        LimitError::RateLimited {
+            limit,
+            value,
+            retry_after,
+        } => ProxyError::RateLimited {
+            endpoint: endpoint.name().to_string(),
+            limit,
+            value,
+            retry_after: retry_after.max(Duration::from_millis(1)),
+        },
+        LimitError::SharedUnavailable => ProxyError::SharedLimiterUnavailable {
+            endpoint: endpoint.name().to_string(),
+        },
+    }
+}

@@ -1,0 +1,255 @@
+//! Reads `usage` from a response as its frames pass by, without holding the response back:
+//! for Server-Sent Events, line by line across frame boundaries (an event split over two
+//! reads is still seen whole); for JSON, from the body's tail, where providers put `usage`.
+
+use serde::Deserialize;
+
+/// A streamed line longer than this is not inspected (it cannot be a usage event).
+const MAX_SSE_LINE: usize = 256 * 1024;
+/// How much of a JSON body's end is kept to find `usage` in.
+const JSON_TAIL: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Both naming schemes: Chat Completions (`prompt_tokens`) and Responses (`input_tokens`).
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    fn into_usage(self) -> Option<Usage> {
+        let prompt = self.prompt_tokens?;
+        let completion = self
+            .completion_tokens
+            .or_else(|| self.total_tokens.map(|t| t.saturating_sub(prompt)))
+            .unwrap_or(0);
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        })
+    }
+}
+
+pub enum UsageTap {
+    Sse {
+        line: Vec<u8>,
+        skipping_long_line: bool,
+        data_events: u64,
+        usage: Option<Usage>,
+    },
+    Json {
+        tail: Vec<u8>,
+    },
+}
+
+impl UsageTap {
+    pub fn new(sse: bool) -> Self {
+        if sse {
+            Self::Sse {
+                line: Vec::new(),
+                skipping_long_line: false,
+                data_events: 0,
+                usage: None,
+            }
+        } else {
+            Self::Json { tail: Vec::new() }
+        }
+    }
+
+    pub fn observe(&mut self, data: &[u8]) {
+        match self {
+            Self::Json { tail } => {
+                if data.len() >= JSON_TAIL {
+                    tail.clear();
+                    tail.extend_from_slice(&data[data.len() - JSON_TAIL..]);
+                } else {
+                    let overflow = (tail.len() + data.len()).saturating_sub(JSON_TAIL);
+                    tail.drain(..overflow);
+                    tail.extend_from_slice(data);
+                }
+            }
+            Self::Sse {
+                line,
+                skipping_long_line,
+                data_events,
+                usage,
+            } => {
+                let mut rest = data;
+                while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+                    if !*skipping_long_line {
+                        line.extend_from_slice(&rest[..newline]);
+                        inspect_line(line, data_events, usage);
+                    }
+                    line.clear();
+                    *skipping_long_line = false;
+                    rest = &rest[newline + 1..];
+                }
+                if !*skipping_long_line {
+                    if line.len() + rest.len() > MAX_SSE_LINE {
+                        line.clear();
+                        *skipping_long_line = true;
+                    } else {
+                        line.extend_from_slice(rest);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The usage the response reported, if it reported one.
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            Self::Sse { usage, .. } => *usage,
+            Self::Json { tail } => usage_in_json_tail(tail),
+        }
+    }
+
+    /// Data events seen in a stream: one per generated chunk, a fair estimate of completion
+    /// tokens when the stream carries no usage.
+    pub fn streamed_chunks(&self) -> Option<u64> {
+        match self {
+            Self::Sse { data_events, .. } => Some(*data_events),
+            Self::Json { .. } => None,
+        }
+    }
+}
+
+fn inspect_line(line: &[u8], data_events: &mut u64, usage: &mut Option<Usage>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(payload) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    let payload = payload.trim_ascii_start();
+    if payload == b"[DONE]" {
+        return;
+    }
+    *data_events += 1;
+    if !contains(payload, b"\"usage\"") {
+        return;
+    }
+    #[derive(Deserialize)]
+    struct Event {
+        usage: Option<WireUsage>,
+        /// The Responses API nests it: `{"type":"response.completed","response":{"usage":…}}`.
+        response: Option<Nested>,
+    }
+    #[derive(Deserialize)]
+    struct Nested {
+        usage: Option<WireUsage>,
+    }
+    if let Ok(event) = serde_json::from_slice::<Event>(payload) {
+        let found = event
+            .usage
+            .or(event.response.and_then(|r| r.usage))
+            .and_then(WireUsage::into_usage);
+        if found.is_some() {
+            *usage = found;
+        }
+    }
+}
+
+fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
+    let key = b"\"usage\"";
+    let at = tail.windows(key.len()).rposition(|w| w == key)?;
+    let after_key = tail[at + key.len()..].trim_ascii_start();
+    let value = after_key.strip_prefix(b":")?;
+    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<WireUsage>();
+    values.next()?.ok()?.into_usage()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_from_the_last_stream_chunk_even_split_across_frames() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"!\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2,\"total_tokens\":14}}\n\n",
+            "data: [DONE]\n\n"
+        )
+        .as_bytes();
+        for split in [1, 7, 50, 100, 150, stream.len() - 3] {
+            let mut tap = UsageTap::new(true);
+            tap.observe(&stream[..split]);
+            tap.observe(&stream[split..]);
+            assert_eq!(
+                tap.usage(),
+                Some(Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 2
+                }),
+                "split at {split}"
+            );
+            assert_eq!(tap.streamed_chunks(), Some(3));
+        }
+    }
+
+    #[test]
+    fn streams_without_usage_count_their_chunks() {
+        let mut tap = UsageTap::new(true);
+        tap.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\ndata: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        assert_eq!(tap.usage(), None);
+        assert_eq!(tap.streamed_chunks(), Some(2));
+    }
+
+    #[test]
+    fn responses_api_usage_is_nested() {
+        let mut tap = UsageTap::new(true);
+        tap.observe(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":7,\"total_tokens\":12}}}\n\n");
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 7
+            })
+        );
+    }
+
+    #[test]
+    fn usage_from_a_large_json_body_tail() {
+        let mut body = br#"{"object":"list","data":[{"embedding":["#.to_vec();
+        for _ in 0..5000 {
+            body.extend_from_slice(b"0.0123,");
+        }
+        body.extend_from_slice(br#"1.0]}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#);
+        let mut tap = UsageTap::new(false);
+        for chunk in body.chunks(1000) {
+            tap.observe(chunk);
+        }
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                prompt_tokens: 8,
+                completion_tokens: 0
+            })
+        );
+    }
+
+    #[test]
+    fn no_usage_in_an_error_body() {
+        let mut tap = UsageTap::new(false);
+        tap.observe(br#"{"error":{"message":"bad","type":"invalid_request_error"}}"#);
+        assert_eq!(tap.usage(), None);
+    }
+}
