@@ -37,6 +37,12 @@ pub mod directives {
     pub const STALL_AFTER_CHUNKS: &str = "x-fake-stall-after-chunks";
     /// Close the connection without any response.
     pub const DROP_CONNECTION: &str = "x-fake-drop-connection";
+    /// Apply the fault (`STATUS`, `DROP_CONNECTION`, `DELAY_MS`) only to the first N requests
+    /// with the same `x-request-id` (retries of one call carry the same id), then answer
+    /// normally: a burst of failures that a retry gets past.
+    pub const FAIL_TIMES: &str = "x-fake-fail-times";
+    /// `name: value`, added to the response (repeatable): `retry-after`, `x-ratelimit-*`.
+    pub const RESPONSE_HEADER: &str = "x-fake-response-header";
 }
 
 /// One request as the fake upstream received it.
@@ -79,6 +85,7 @@ impl Default for Options {
 struct Shared {
     requests: Mutex<Vec<Recorded>>,
     abandoned: AtomicUsize,
+    seen_by_request_id: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 pub struct FakeUpstream {
@@ -239,8 +246,60 @@ async fn handle(
         }
     }
 
+    let faulty = match directive(&headers, directives::FAIL_TIMES) {
+        None => true,
+        Some(times) => {
+            let id = headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let mut seen = shared
+                .seen_by_request_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let count = seen.entry(id).or_insert(0);
+            *count += 1;
+            *count <= times
+        }
+    };
+    let mut response = respond(&shared, options, &headers, &model, faulty).await?;
+    for value in headers.get_all(directives::RESPONSE_HEADER) {
+        let Some((name, value)) = value.to_str().ok().and_then(|v| v.split_once(':')) else {
+            continue;
+        };
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.trim().as_bytes()),
+            http::HeaderValue::from_str(value.trim()),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    Ok(response)
+}
+
+async fn respond(
+    shared: &Arc<Shared>,
+    options: Options,
+    headers: &HeaderMap,
+    model: &str,
+    faulty: bool,
+) -> Result<Response<FakeBody>, DroppedOnPurpose> {
+    let headers = if faulty {
+        headers.clone()
+    } else {
+        let mut kept = headers.clone();
+        for fault in [
+            directives::STATUS,
+            directives::DROP_CONNECTION,
+            directives::DELAY_MS,
+        ] {
+            kept.remove(fault);
+        }
+        kept
+    };
     if let Some(ms) = directive(&headers, directives::DELAY_MS) {
-        let mut guard = AbandonGuard::new(&shared);
+        let mut guard = AbandonGuard::new(shared);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         guard.armed = false;
     }
@@ -261,9 +320,9 @@ async fn handle(
         return Ok(json_response(status, &body));
     }
     if let Some(chunks) = directive(&headers, directives::STREAM_CHUNKS) {
-        return Ok(stream_response(&shared, &headers, &model, chunks));
+        return Ok(stream_response(shared, &headers, model, chunks));
     }
-    Ok(completion_response(&model, options.body_bytes))
+    Ok(completion_response(model, options.body_bytes))
 }
 
 fn full(body: String) -> FakeBody {
