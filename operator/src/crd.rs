@@ -4,11 +4,17 @@
 //! sidecar's endpoint configuration (the sidecar crate's own types where they fit), the
 //! credential as a reference to a Secret key, and per-environment overrides.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
 use kube::CustomResource;
-use llmesh_sidecar::config::{AzureConfig, Duration, MockConfig, ProviderKind};
-use schemars::JsonSchema;
+use llmesh_sidecar::config::{
+    AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, ProviderKind,
+    RetryConfig,
+};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -104,9 +110,21 @@ pub struct EndpointSettings {
     #[schemars(range(min = 1))]
     pub max_request_body_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub azure: Option<AzureConfig>,
+    pub azure: Option<Partial<AzureConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mock: Option<MockConfig>,
+    pub mock: Option<Partial<MockConfig>>,
+    /// Retries with backoff and a retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Partial<RetryConfig>>,
+    /// Other LlmEndpoints of this namespace tried in order when this one fails retryably.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallbacks: Option<Vec<String>>,
+    /// Ejects the endpoint after consecutive failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<Partial<CircuitBreakerConfig>>,
+    /// Request, token and concurrency limits, per sidecar or shared through Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Partial<LimitsConfig>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -150,4 +168,36 @@ pub struct LlmEndpointStatus {
     pub config_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+/// A block of sidecar settings kept as the user wrote it, so that an environment's block
+/// merges into the base's field by field: parsed into `T` at once, the sidecar's defaults
+/// would fill the unset fields and then override the base's. The schema is `T`'s, so the
+/// API server still checks the block, and rendering parses it into `T`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(transparent)]
+pub struct Partial<T> {
+    written: serde_json::Value,
+    #[serde(skip)]
+    parses_into: PhantomData<T>,
+}
+
+impl<T: DeserializeOwned> Partial<T> {
+    pub fn parse(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.written)
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Partial<T> {
+    fn schema_name() -> Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn schema_id() -> Cow<'static, str> {
+        T::schema_id()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        T::json_schema(generator)
+    }
 }

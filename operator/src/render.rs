@@ -8,9 +8,10 @@ use llmesh_sidecar::config::{
     config_hash, validate, CredentialConfig, EndpointConfig, ProviderKind, SidecarConfig, Timeouts,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
 };
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::crd::{EndpointSettings, LlmEndpointSpec, SecretKeyRef, TimeoutSettings};
+use crate::crd::{EndpointSettings, LlmEndpointSpec, Partial, SecretKeyRef, TimeoutSettings};
 
 /// Where the injected sidecar mounts Secret `llmesh-<name>`: `<root>/<name>/<CREDENTIAL_KEY>`.
 pub const CREDENTIAL_MOUNT_ROOT: &str = "/var/run/secrets/llmesh";
@@ -88,6 +89,21 @@ fn deep_merge(base: &mut Value, overrides: Value) {
     }
 }
 
+fn parse_block<T: DeserializeOwned>(
+    block: Option<&Partial<T>>,
+    field: &str,
+    environment: &str,
+) -> Result<Option<T>, RenderError> {
+    block
+        .map(|block| {
+            block.parse().map_err(|e| RenderError::Invalid {
+                environment: environment.to_string(),
+                message: format!("{field}: {e}"),
+            })
+        })
+        .transpose()
+}
+
 /// Renders LlmEndpoint `name` for `environment`.
 pub fn render(
     name: &str,
@@ -124,11 +140,19 @@ pub fn render(
         max_request_body_bytes: settings
             .max_request_body_bytes
             .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES),
-        azure: settings
-            .azure
-            .clone()
+        azure: parse_block(settings.azure.as_ref(), "azure", environment)?
             .filter(|_| provider == ProviderKind::AzureOpenai),
-        mock: settings.mock.filter(|_| provider == ProviderKind::Mock),
+        mock: parse_block(settings.mock.as_ref(), "mock", environment)?
+            .filter(|_| provider == ProviderKind::Mock),
+        retry: parse_block(settings.retry.as_ref(), "retry", environment)?.unwrap_or_default(),
+        fallbacks: settings.fallbacks.clone().unwrap_or_default(),
+        circuit_breaker: parse_block(
+            settings.circuit_breaker.as_ref(),
+            "circuitBreaker",
+            environment,
+        )?
+        .unwrap_or_default(),
+        limits: parse_block(settings.limits.as_ref(), "limits", environment)?.unwrap_or_default(),
     };
     validate(&SidecarConfig {
         endpoints: vec![config.clone()],
@@ -262,6 +286,43 @@ environments:
             .unwrap();
         assert_eq!(loaded.hash, a.config_hash);
         assert_eq!(loaded.config.endpoints[0], a.config);
+    }
+
+    #[test]
+    fn resilience_blocks_reach_the_sidecar_and_merge_field_by_field() {
+        let endpoint = spec(
+            "
+provider: mock
+model: m
+retry: {maxAttempts: 5, backoffBase: 1s}
+fallbacks: [backup]
+limits: {requestsPerMinute: 60, scope: local}
+environments:
+  prod: {retry: {maxAttempts: 2}, limits: {tokensPerMinute: 1000}}
+",
+        );
+        let test = render("chat", &endpoint, "test").unwrap().config;
+        assert_eq!(test.retry.max_attempts, 5);
+        assert_eq!(test.retry.backoff_base, Duration::from_secs(1));
+        assert_eq!(test.fallbacks, ["backup"]);
+        assert_eq!(test.limits.requests_per_minute, Some(60));
+        let prod = render("chat", &endpoint, "prod").unwrap().config;
+        assert_eq!(prod.retry.max_attempts, 2);
+        assert_eq!(
+            prod.retry.backoff_base,
+            Duration::from_secs(1),
+            "kept from the base: blocks merge field by field"
+        );
+        assert_eq!(prod.limits.requests_per_minute, Some(60));
+        assert_eq!(prod.limits.tokens_per_minute, Some(1000));
+        assert_eq!(prod.fallbacks, ["backup"]);
+        let err = render(
+            "chat",
+            &spec("{provider: mock, model: m, retry: {maxAttempts: 0}}"),
+            "dev",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("retry"), "{err}");
     }
 
     #[test]

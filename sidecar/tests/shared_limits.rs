@@ -85,7 +85,9 @@ async fn load(sidecar: &Sidecar, n: usize, concurrency: usize) -> (usize, usize,
             async move {
                 client()
                     .post(url)
-                    .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+                    .json(
+                        &json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}),
+                    )
                     .timeout(Duration::from_secs(10))
                     .send()
                     .await
