@@ -88,6 +88,10 @@ endpoints:
     model: mock-embedding
     aliases: [text-embedding-3-small]
     mock: {{embeddingDimensions: 64}}
+  - name: limited
+    provider: mock
+    model: mock-limited
+    limits: {{requestsPerMinute: 1, queueTimeout: 0ms}}
   - name: relay
     provider: openai-compatible
     baseUrl: {fake_upstream}

@@ -17,7 +17,7 @@ def client(sidecar):
 
 def test_models_come_from_the_config(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["chat", "gpt-4o-mini", "embed", "text-embedding-3-small", "relay"]
+    assert ids == ["chat", "gpt-4o-mini", "embed", "text-embedding-3-small", "limited", "relay"]
     assert client.models.retrieve("gpt-4o-mini").owned_by == "llmesh:mock"
 
 
@@ -86,6 +86,21 @@ def test_upstream_429_reaches_the_sdk_as_rate_limit_error(client, sidecar):
             extra_headers={"x-fake-status": "429"},
         )
     assert raised.value.code == "fake_429"
+
+
+def test_the_sidecars_own_rate_limit_is_a_rate_limit_error_naming_the_limit(client):
+    messages = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="limited", messages=messages)
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="limited", messages=messages)
+    assert raised.value.code == "rate_limit_exceeded"
+    assert raised.value.type == "requests"
+    assert (
+        "Rate limit reached for endpoint 'limited' on requests per minute (limit 1)." in raised.value.message
+    ), raised.value.message
+    # The SDK's own retry logic waits for Retry-After; one minute's worth of one request.
+    assert 1 <= int(raised.value.response.headers["retry-after"]) <= 60
+    assert raised.value.response.headers["x-llmesh-limit"] == "requests_per_minute"
 
 
 def test_relayed_stream_that_breaks_raises_in_the_sdk(client):
