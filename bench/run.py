@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Sidecar benchmark: direct to the fake upstream vs. through llmesh vs. through nginx.
 
-Everything runs on loopback. Each round runs every scenario against the three targets
-back to back (order rotated per round), so the targets share the machine's conditions and
-are compared side by side. The script reports added latency (target minus direct in the
-same round), throughput, CPU seconds per 10k requests and peak RSS of each proxy.
+Everything runs on loopback. Each round runs every scenario against every target back to
+back (order rotated per round), so the targets share the machine's conditions and are
+compared side by side. The script reports added latency (target minus direct in the same
+round), throughput, CPU seconds per 10k requests and peak RSS of each proxy.
+
+llmesh runs in three configurations (see SIDECARS): bare (no retries, no breaker, no
+limits), with retries, breaker and local limits configured but never triggered, and with
+the same limits shared through a real redis-server.
 
 Used by bench/run.sh, which installs the tools and builds the release binaries first.
 """
@@ -95,21 +99,57 @@ def start_fake_upstream(port):
     return proc
 
 
-def start_sidecar(tmp, upstream_port, port, admin_port):
+# Limits far above what the load reaches, so that admission does all its work (counting
+# prompt tokens, taking from the buckets, holding a concurrency slot, settling usage) but
+# never makes a request wait.
+UNTRIGGERED_LIMITS = "requestsPerMinute: 100000000, tokensPerMinute: 100000000000, maxConcurrent: 100000"
+SIDECARS = {
+    "llmesh": "retry: {maxAttempts: 1}\n    circuitBreaker: {consecutiveFailures: 0}",
+    "llmesh-limits": f"retry: {{maxAttempts: 3}}\n    limits: {{{UNTRIGGERED_LIMITS}}}",
+    "llmesh-redis": (
+        "retry: {maxAttempts: 3}\n    limits: {" + UNTRIGGERED_LIMITS
+        + ", scope: global, redis: {url: 'redis://127.0.0.1:REDIS_PORT'}}"
+    ),
+}
+
+
+def start_redis(tmp, port):
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp)],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc
+
+
+def redis_lease_calls(port):
+    """Scripts run by Redis so far: each is one lease or return round trip of a sidecar."""
+    out = subprocess.run(["redis-cli", "-p", str(port), "info", "commandstats"],
+                         capture_output=True, text=True, check=True).stdout
+    calls = 0
+    for line in out.splitlines():
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+            calls += int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return calls
+
+
+def start_sidecar(tmp, name, settings, upstream_port, port, admin_port):
     key = tmp / "key"
     key.write_text(KEY)
-    config = tmp / "llmesh.yaml"
+    config = tmp / f"{name}.yaml"
     config.write_text(
         f"""endpoints:
   - name: chat
     provider: openai-compatible
     baseUrl: http://127.0.0.1:{upstream_port}/v1
-    model: upstream-model
+    model: gpt-4o-mini
     default: true
     credential: {{file: {key}}}
+    {settings}
 """
     )
-    log = open(tmp / "llmesh.log", "w")
+    log = open(tmp / f"{name}.log", "w")
     proc = subprocess.Popen(
         [
             str(RELEASE / "llmesh-sidecar"),
@@ -209,7 +249,10 @@ def main():
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rates", default="500,2000,0", help="0 means unlimited")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--proxies", default=",".join([*SIDECARS, "nginx"]),
+                        help=f"which of {', '.join([*SIDECARS, 'nginx'])} to run")
     args = parser.parse_args()
+    proxies = args.proxies.split(",")
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
     body_file = tmp / "body.json"
@@ -218,42 +261,51 @@ def main():
         "messages": [{"role": "user", "content": "x" * 900}],
         "max_tokens": 64,
     }))
-    up_port, sc_port, sc_admin, ng_port = free_port(), free_port(), free_port(), free_port()
+    up_port = free_port()
+    path = "/v1/chat/completions"
     procs = []
     try:
         upstream = start_fake_upstream(up_port)
         procs.append(upstream)
-        sidecar = start_sidecar(tmp, up_port, sc_port, sc_admin)
-        procs.append(sidecar)
-        nginx = start_nginx(tmp, up_port, ng_port)
-        procs.append(nginx)
+        targets = [Target("direct", f"http://127.0.0.1:{up_port}{path}")]
+        redis_port = None
+        for name in proxies:
+            port = free_port()
+            if name == "nginx":
+                proc = start_nginx(tmp, up_port, port)
+            else:
+                settings = SIDECARS[name]
+                if "REDIS_PORT" in settings:
+                    redis_port = free_port()
+                    procs.append(start_redis(tmp, redis_port))
+                    settings = settings.replace("REDIS_PORT", str(redis_port))
+                proc = start_sidecar(tmp, name, settings, up_port, port, free_port())
+            procs.append(proc)
+            targets.append(Target(name, f"http://127.0.0.1:{port}{path}", proc.pid))
         time.sleep(0.5)
-        idle_rss = {"llmesh": memory_kb(sidecar.pid, "VmRSS"), "nginx": memory_kb(nginx.pid, "VmRSS")}
-        path = "/v1/chat/completions"
-        targets = [
-            Target("direct", f"http://127.0.0.1:{up_port}{path}"),
-            Target("llmesh", f"http://127.0.0.1:{sc_port}{path}", sidecar.pid),
-            Target("nginx", f"http://127.0.0.1:{ng_port}{path}", nginx.pid),
-        ]
+        idle_rss = {t.name: memory_kb(t.pid, "VmRSS") for t in targets if t.pid}
         load_before = pathlib.Path("/proc/loadavg").read_text().split()[:3]
         rates = [int(r) for r in args.rates.split(",")]
         results = {"rates": {}, "streaming": {}}
         for rnd in range(args.rounds):
-            order = targets[rnd % 3:] + targets[:rnd % 3]
+            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
             for rate in rates:
                 for t in order:
                     cpu0 = cpu_seconds(t.pid) if t.pid else 0
+                    leases0 = redis_lease_calls(redis_port) if t.name == "llmesh-redis" else 0
                     raw = run_oha(args.oha, t.url, body_file, args.seconds, args.connections, rate)
                     s = summarize_oha(raw)
                     if t.pid:
                         s["cpu_s_per_10k"] = (cpu_seconds(t.pid) - cpu0) / max(s["requests"], 1) * 10_000
+                    if t.name == "llmesh-redis":
+                        s["redis_calls_per_10k"] = (redis_lease_calls(redis_port) - leases0) / max(s["requests"], 1) * 10_000
                     results["rates"].setdefault(str(rate), {}).setdefault(t.name, []).append(s)
                     print(f"round {rnd} rate {rate or 'max'} {t.name}: {json.dumps(s)}", file=sys.stderr)
             for t in order:
                 r = run_stream_bench(t.url, 100, 200, 5)
                 results["streaming"].setdefault(t.name, []).append(r)
                 print(f"round {rnd} streaming {t.name}: {json.dumps(r)}", file=sys.stderr)
-        peak_rss = {"llmesh": memory_kb(sidecar.pid, "VmHWM"), "nginx": memory_kb(nginx.pid, "VmHWM")}
+        peak_rss = {t.name: memory_kb(t.pid, "VmHWM") for t in targets if t.pid}
         load_after = pathlib.Path("/proc/loadavg").read_text().split()[:3]
     finally:
         for p in procs:
@@ -264,17 +316,19 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    report = build_report(results, idle_rss, peak_rss, load_before, load_after, args)
+    report = build_report(results, [t.name for t in targets if t.pid], idle_rss, peak_rss, load_before,
+                          load_after, args)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"raw": results, "report": report}, indent=2))
     print(render(report))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_report(results, idle_rss, peak_rss, load_before, load_after, args):
+def build_report(results, proxies, idle_rss, peak_rss, load_before, load_after, args):
     report = {
         "machine": {"cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after},
         "settings": {"seconds": args.seconds, "rounds": args.rounds, "connections": args.connections},
+        "proxies": proxies,
         "memory_kb": {"idle_rss": idle_rss, "peak_rss": peak_rss},
         "rates": {},
         "streaming": {},
@@ -282,7 +336,7 @@ def build_report(results, idle_rss, peak_rss, load_before, load_after, args):
     for rate, by_target in results["rates"].items():
         direct = by_target["direct"]
         row = {"direct": {"p50_ms": med(direct, "p50_ms"), "p99_ms": med(direct, "p99_ms"), "rps": med(direct, "rps")}}
-        for name in ("llmesh", "nginx"):
+        for name in proxies:
             runs = by_target[name]
             # Added latency: the proxy's percentile minus direct's, paired within each round.
             row[name] = {
@@ -292,6 +346,8 @@ def build_report(results, idle_rss, peak_rss, load_before, load_after, args):
                 "cpu_s_per_10k": med(runs, "cpu_s_per_10k"),
                 "non_2xx_or_errors": sum(r["requests"] - r["ok"] + r["errors"] for r in runs),
             }
+            if "redis_calls_per_10k" in runs[0]:
+                row[name]["redis_calls_per_10k"] = med(runs, "redis_calls_per_10k")
         report["rates"][rate] = row
     for name, runs in results["streaming"].items():
         report["streaming"][name] = {
@@ -319,15 +375,23 @@ def render(report):
         label = "unlimited" if rate == "0" else f"{rate}/s"
         d = row["direct"]
         lines.append(f"| {label} | direct | p50 {d['p50_ms']:.3f} | p99 {d['p99_ms']:.3f} | {d['rps']:.0f} | | |")
-        for name in ("llmesh", "nginx"):
+        for name in report["proxies"]:
             r = row[name]
             lines.append(
                 f"| {label} | {name} | {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['rps']:.0f} "
                 f"| {r['cpu_s_per_10k']:.3f} | {r['non_2xx_or_errors']} |"
             )
+    redis_rows = [(rate, row[p]["redis_calls_per_10k"]) for rate, row in report["rates"].items()
+                  for p in report["proxies"] if "redis_calls_per_10k" in row[p]]
+    if redis_rows:
+        lines.append("")
+        lines.append("Redis round trips (lease and return scripts) per 10k requests: " + ", ".join(
+            f"{'unlimited' if rate == '0' else rate + '/s'}: {calls:.2f}" for rate, calls in redis_rows))
     lines.append("")
-    lines.append(f"idle RSS: llmesh {m['idle_rss']['llmesh'] / 1024:.1f} MiB, nginx {m['idle_rss']['nginx'] / 1024:.1f} MiB (master + workers)")
-    lines.append(f"peak RSS: llmesh {m['peak_rss']['llmesh'] / 1024:.1f} MiB, nginx {m['peak_rss']['nginx'] / 1024:.1f} MiB")
+    lines.append("| memory (MiB) | " + " | ".join(report["proxies"]) + " |")
+    lines.append("| --- |" + " --- |" * len(report["proxies"]))
+    for kind in ("idle_rss", "peak_rss"):
+        lines.append(f"| {kind.replace('_', ' ')} | " + " | ".join(f"{m[kind][p] / 1024:.1f}" for p in report["proxies"]) + " |")
     lines.append("")
     lines.append("| streaming (100 × 200 chunks @ 5 ms) | TTFT p50 (ms) | TTFT p99 (ms) | completed | events | frames with >1 event |")
     lines.append("| --- | --- | --- | --- | --- | --- |")

@@ -252,10 +252,13 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
             "is required when limits.scope is global",
         ),
         (LimitScope::Global, Some(redis)) => {
-            if !(redis.url.starts_with("redis://") && redis.url.len() > "redis://".len()) {
+            // The URL is not echoed: it may carry a password.
+            if !redis.url.starts_with("redis://")
+                || redis::Client::open(redis.url.as_str()).is_err()
+            {
                 c.fail(
                     format!("{at}.limits.redis.url"),
-                    format!("{:?} must look like redis://HOST:PORT[/DB]", redis.url),
+                    "must look like redis://[:PASSWORD@]HOST:PORT[/DB]",
                 );
             }
             if redis.timeout.is_zero() {
@@ -505,5 +508,41 @@ mod tests {
             "endpoints: [{name: a, provider: mock, model: m, baseUrl: 'http://x', credential: {file: /k}}]",
         );
         assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn checks_retry_fallbacks_breaker_and_limits() {
+        let errs = errors(
+            "endpoints:
+              - name: a
+                provider: mock
+                model: m
+                retry: {maxAttempts: 0, backoffBase: 1m, backoffMax: 1s}
+                fallbacks: [a, b, b]
+                circuitBreaker: {consecutiveFailures: 3, cooldown: 0s}
+                limits: {requestsPerMinute: 0, scope: global}
+              - name: b
+                provider: mock
+                model: m
+                limits: {scope: global, redis: {url: 'redis://:s3cret@[bad'}}",
+        );
+        assert_eq!(
+            errs,
+            vec![
+                "endpoints[0].retry.maxAttempts: must be between 1 and 10 (got 0)",
+                "endpoints[0].retry.backoffBase: 1m is longer than retry.backoffMax (1s)",
+                "endpoints[0].fallbacks[0]: \"a\" is this endpoint itself",
+                "endpoints[0].fallbacks[2]: \"b\" is listed twice",
+                "endpoints[0].circuitBreaker.cooldown: must be greater than 0 while the breaker is on",
+                "endpoints[0].limits.requestsPerMinute: must be at least 1; leave it out for no limit",
+                "endpoints[0].limits.redis: is required when limits.scope is global",
+                "endpoints[1].limits.redis.url: must look like redis://[:PASSWORD@]HOST:PORT[/DB]",
+                "endpoints[1].limits.scope: global scope needs requestsPerMinute, tokensPerMinute or maxConcurrent",
+            ]
+        );
+        assert!(
+            !errs.concat().contains("s3cret"),
+            "a Redis password is not echoed"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! second's worth) ahead of need, spends it locally, and gives back what it has not used
 //! after a short idle time. Leased units have left the shared bucket, so the sidecars
 //! together cannot admit more than the bucket holds; the only overshoot is tokens a response
-//! used beyond its reservation, which are charged after the fact (see `docs/limits.md`).
+//! used beyond its reservation, which are charged after the fact (see `docs/resilience.md`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
