@@ -10,8 +10,8 @@ use std::marker::PhantomData;
 
 use kube::CustomResource;
 use llmesh_sidecar::config::{
-    AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, ProviderKind,
-    RetryConfig,
+    AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, PriceConfig,
+    ProviderKind, RetryConfig,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
@@ -125,6 +125,9 @@ pub struct EndpointSettings {
     /// Request, token and concurrency limits, per sidecar or shared through Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Partial<LimitsConfig>>,
+    /// The model's price, for the sidecar's cost metric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<PriceConfig>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -153,6 +153,7 @@ pub fn render(
         )?
         .unwrap_or_default(),
         limits: parse_block(settings.limits.as_ref(), "limits", environment)?.unwrap_or_default(),
+        price: settings.price,
     };
     validate(&SidecarConfig {
         endpoints: vec![config.clone()],

@@ -1,5 +1,5 @@
-//! The admin listener, apart from the data path: probes for the kubelet (and later
-//! `/metrics` for Prometheus). Neither probe ever calls a provider.
+//! The admin listener, apart from the data path: probes for the kubelet and `/metrics` for
+//! Prometheus. Neither probe ever calls a provider.
 
 use std::sync::Arc;
 
@@ -11,10 +11,27 @@ use serde_json::json;
 use crate::error::JSON;
 use crate::reload::SharedState;
 
+static PROMETHEUS_TEXT: http::HeaderValue =
+    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+
 pub async fn handle<B>(state: Arc<SharedState>, request: Request<B>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz" | "/live") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz" | "/ready") => readiness(&state),
+        (&Method::GET, "/metrics") => match &state.metrics {
+            Some(metrics) => {
+                let mut response =
+                    Response::new(Full::new(Bytes::from(metrics.render(&state.snapshot()))));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, PROMETHEUS_TEXT.clone());
+                response
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "metrics are turned off (--metrics false)\n",
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -1,5 +1,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -9,6 +10,7 @@ use tokio::sync::watch;
 
 use llmesh_sidecar::config::{self, ConfigSource};
 use llmesh_sidecar::logging::{self, LogFormat};
+use llmesh_sidecar::metrics::Metrics;
 use llmesh_sidecar::reload::{Reloader, SharedState};
 use llmesh_sidecar::server;
 use llmesh_sidecar::snapshot::Snapshot;
@@ -27,7 +29,7 @@ struct Cli {
     /// Where apps connect. Loopback by default: the pod is the security boundary.
     #[arg(long, env = "LLMESH_LISTEN", default_value = "127.0.0.1:4000")]
     listen: SocketAddr,
-    /// Probes (and metrics) for the kubelet and Prometheus.
+    /// Probes for the kubelet and `/metrics` for Prometheus.
     #[arg(long, env = "LLMESH_ADMIN_LISTEN", default_value = "0.0.0.0:4001")]
     admin_listen: SocketAddr,
     #[arg(long, env = "LLMESH_LOG_FORMAT", value_enum, default_value = "human")]
@@ -45,6 +47,9 @@ struct Cli {
     /// Defaults to the CPUs this process may use (its cgroup quota included).
     #[arg(long, env = "LLMESH_WORKERS")]
     workers: Option<usize>,
+    /// Serve Prometheus metrics at the admin port's `/metrics` (`--metrics false` turns them off).
+    #[arg(long, env = "LLMESH_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics: bool,
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     check: bool,
@@ -108,7 +113,14 @@ fn run(
     loaded: config::LoadedConfig,
     snapshot: Snapshot,
 ) -> anyhow::Result<()> {
-    let state = SharedState::new(snapshot);
+    let metrics = if cli.metrics {
+        Some(Arc::new(
+            Metrics::new().context("cannot register the metrics")?,
+        ))
+    } else {
+        None
+    };
+    let state = SharedState::new(snapshot, metrics);
     let workers = cli
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

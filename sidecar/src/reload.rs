@@ -12,19 +12,23 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{ConfigSource, LoadedConfig, RawConfig};
+use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
 /// What the data path and the admin server share.
 pub struct SharedState {
     snapshot: ArcSwap<Snapshot>,
     draining: AtomicBool,
+    /// None when metrics are turned off (`--metrics false`).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl SharedState {
-    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+    pub fn new(snapshot: Snapshot, metrics: Option<Arc<Metrics>>) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
+            metrics,
         })
     }
 
@@ -111,14 +115,22 @@ impl Reloader {
         if self.last_raw.as_ref() == Some(&raw) {
             return;
         }
-        match raw.parse(&self.source) {
+        let accepted = match raw.parse(&self.source) {
             Ok(loaded) => {
                 if loaded.hash != self.last_good.hash {
                     self.last_good = loaded;
                 }
+                true
             }
             Err(error) => {
                 tracing::error!(%error, "rejected new configuration; keeping the last good one");
+                false
+            }
+        };
+        // The first read at start is the config already loaded, not a reload.
+        if self.last_raw.is_some() {
+            if let Some(metrics) = &self.state.metrics {
+                metrics.config_reload(accepted);
             }
         }
         self.last_raw = Some(raw);

@@ -78,6 +78,28 @@ pub struct EndpointConfig {
     pub circuit_breaker: CircuitBreakerConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What the model costs, for the `llmesh_cost_usd_total` metric. Without it no cost is
+    /// reported for this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<PriceConfig>,
+}
+
+/// A model's list price in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PriceConfig {
+    #[schemars(range(min = 0.0))]
+    pub input_per_million_tokens: f64,
+    #[schemars(range(min = 0.0))]
+    pub output_per_million_tokens: f64,
+}
+
+impl PriceConfig {
+    pub fn cost_usd(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input_per_million_tokens
+            + output_tokens as f64 * self.output_per_million_tokens)
+            / 1_000_000.0
+    }
 }
 
 /// Long prompts (whole documents, base64 images) are common; 4 MiB and smaller defaults

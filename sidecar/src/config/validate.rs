@@ -124,6 +124,19 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
     validate_timeouts(c, at, e);
     validate_provider_fields(c, at, e);
     validate_resilience(c, at, e);
+    if let Some(price) = &e.price {
+        for (name, value) in [
+            ("inputPerMillionTokens", price.input_per_million_tokens),
+            ("outputPerMillionTokens", price.output_per_million_tokens),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                c.fail(
+                    format!("{at}.price.{name}"),
+                    format!("must be a price of 0 or more (got {value})"),
+                );
+            }
+        }
+    }
     if let Some(cred) = &e.credential {
         if cred.file.as_os_str().is_empty() {
             c.fail(format!("{at}.credential.file"), "must not be empty");

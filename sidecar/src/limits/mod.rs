@@ -713,6 +713,11 @@ impl Drop for QueuedTicket<'_> {
 }
 
 impl Permit {
+    /// The request's prompt as counted (or estimated) at admission.
+    pub fn prompt_tokens(&self) -> u64 {
+        self.prompt_tokens
+    }
+
     /// Ends the admission: `used` is the tokens the call really cost (from `usage`, or an
     /// estimate), or None to keep the reservation as charged.
     pub fn settle(mut self, used: Option<u64>) {

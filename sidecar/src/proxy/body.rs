@@ -1,6 +1,6 @@
 //! Response bodies: frames are handed on one by one as they arrive (no buffering, no
 //! coalescing), with the endpoint's idle and total deadlines enforced on upstream bodies, and
-//! one log line written when the response ends, however it ends.
+//! the request's log line and metrics recorded when the response ends, however it ends.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +16,7 @@ use super::log::{Outcome, RequestLog};
 use super::usage::UsageTap;
 use crate::error::ProxyError;
 use crate::limits::Permit;
+use crate::metrics::TokenCount;
 use crate::provider::mock::MockStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -32,11 +33,14 @@ impl BodyKind {
     }
 }
 
-/// What the app receives: a body plus the log line to write when it ends.
+/// What the app receives: a body plus the record to write when it ends.
 pub struct ResponseBody {
     kind: BodyKind,
-    log: Option<RequestLog>,
+    log: RequestLog,
     accounting: Option<Accounting>,
+    /// The request's span, entered while the body is polled so that what is logged there
+    /// carries the request and trace ids.
+    span: tracing::Span,
 }
 
 /// A model call's response: its `usage` is read as it passes, and settles the call's
@@ -48,38 +52,59 @@ pub struct Accounting {
 }
 
 impl ResponseBody {
-    pub fn new(kind: BodyKind, log: RequestLog, accounting: Option<Accounting>) -> Self {
+    pub fn new(
+        kind: BodyKind,
+        mut log: RequestLog,
+        accounting: Option<Accounting>,
+        span: tracing::Span,
+    ) -> Self {
+        log.streamed = accounting.as_ref().is_some_and(|a| a.tap.is_sse());
         Self {
             kind,
-            log: Some(log),
+            log,
             accounting,
+            span,
         }
     }
 
-    fn finish(&mut self, outcome: Outcome) {
-        if let Some(accounting) = self.accounting.take() {
+    /// Settles the admission and records the request; only the first call does anything.
+    fn finish(log: &mut RequestLog, accounting: &mut Option<Accounting>, outcome: Outcome) {
+        if let Some(accounting) = accounting.take() {
             let usage = accounting.tap.usage();
+            let chunks = accounting.tap.streamed_chunks();
+            let prompt_estimate = accounting.permit.as_ref().map(|p| p.prompt_tokens());
+            log.tokens = match (usage, prompt_estimate) {
+                (Some(u), _) => Some(TokenCount {
+                    input: u.prompt_tokens,
+                    output: u.completion_tokens,
+                    reported: true,
+                }),
+                // No usage (a stream without `stream_options.include_usage`): the prompt as
+                // counted at admission and one token per streamed chunk.
+                (None, Some(prompt)) if accounting.success => Some(TokenCount {
+                    input: prompt,
+                    output: chunks.unwrap_or(0),
+                    reported: false,
+                }),
+                (None, _) => None,
+            };
             if let Some(permit) = accounting.permit {
-                permit.settle_from_response(
-                    usage.map(|u| u.total()),
-                    accounting.tap.streamed_chunks(),
-                    accounting.success,
-                );
-            }
-            if let (Some(log), Some(usage)) = (self.log.as_mut(), usage) {
-                log.usage = Some(usage);
+                permit.settle_from_response(usage.map(|u| u.total()), chunks, accounting.success);
             }
         }
-        if let Some(log) = self.log.take() {
-            log.write(outcome);
-        }
+        log.finish(outcome);
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Dropped before its end: hyper gave up on the connection, i.e. the app went away.
-        self.finish(Outcome::ClientDisconnected);
+        let _entered = self.span.enter();
+        Self::finish(
+            &mut self.log,
+            &mut self.accounting,
+            Outcome::ClientDisconnected,
+        );
     }
 }
 
@@ -92,6 +117,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        let _entered = this.span.enter();
         let polled = match &mut this.kind {
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
@@ -100,19 +126,25 @@ impl Body for ResponseBody {
             },
             BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
         };
-        if let (Poll::Ready(Some(Ok(frame))), Some(accounting)) = (&polled, &mut this.accounting) {
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                accounting.tap.observe(data);
+                if this.log.first_chunk_after.is_none() && !data.is_empty() {
+                    this.log.first_chunk_after = Some(this.log.started.elapsed());
+                }
+                if let Some(accounting) = &mut this.accounting {
+                    accounting.tap.observe(data);
+                }
             }
         }
-        match &polled {
-            Poll::Ready(None) => this.finish(this.ended_outcome()),
-            Poll::Ready(Some(Err(_))) => this.finish(this.ended_outcome()),
+        let ended = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
             // hyper stops polling once a body says it is at its end, so record it now.
-            Poll::Ready(Some(Ok(_))) if this.kind_is_end_stream() => {
-                this.finish(this.ended_outcome())
-            }
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => this.kind_is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended {
+            let outcome = this.ended_outcome();
+            Self::finish(&mut this.log, &mut this.accounting, outcome);
         }
         polled
     }

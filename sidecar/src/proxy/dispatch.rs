@@ -10,13 +10,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Response};
+use http::Response;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::forward::{self, UpstreamCall};
 use super::json::RequestJson;
+use super::CallIds;
 use crate::error::ProxyError;
 use crate::limits::tokens::{self, Prompt};
 use crate::limits::{LimitError, Permit, Reservation};
@@ -43,7 +44,7 @@ pub struct Call<'a> {
     pub primary: Arc<Endpoint>,
     pub parts: &'a Parts,
     pub api_path: &'a str,
-    pub request_id: &'a HeaderValue,
+    pub ids: &'a CallIds<'a>,
     pub body: CallBody<'a>,
 }
 
@@ -90,6 +91,7 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
         )
         .collect();
     let replayable = !matches!(call.body, CallBody::Stream(..));
+    let metrics = call.ids.metrics;
     let mut attempts = 0u32;
     let mut last: Option<LastFailure> = None;
     // The admission of the endpoint whose error response may be returned.
@@ -116,11 +118,14 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
         let permit = match resilience.limiter.acquire_for(reserve, deadline).await {
             Ok(permit) => permit,
             Err(error) => {
+                if let (Some(metrics), LimitError::RateLimited { limit, .. }) = (metrics, &error) {
+                    metrics.rate_limited(endpoint.name(), limit.as_str());
+                }
                 return Err(Failure {
                     error: limit_error(endpoint, error),
                     endpoint: Arc::clone(endpoint),
                     attempts,
-                })
+                });
             }
         };
         let upstream = match &endpoint.backend {
@@ -137,6 +142,9 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
         let mut retry_number = 0;
         loop {
             attempts += 1;
+            if let Some(metrics) = metrics {
+                metrics.attempt(endpoint.name());
+            }
             let result = send_once(&mut call, endpoint, upstream, deadline).await;
             let (reason, wait_hint) = match result {
                 Ok(response) => {
@@ -187,25 +195,21 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
                 reason = reason.as_str(),
                 "attempt failed"
             );
-            if !replayable || retry_number + 1 >= resilience.retry.max_attempts {
+            let wait =
+                wait_hint.unwrap_or_else(|| retry::backoff(&resilience.retry, retry_number + 1));
+            let retried = replayable
+                && retry_number + 1 < resilience.retry.max_attempts
+                // Never sleep past the deadline: the last error is the answer then.
+                && Instant::now() + wait < deadline
+                && matches!(resilience.breaker.admit(), Admission::Allowed)
+                && withdraw_retry(endpoint);
+            if let Some(metrics) = metrics {
+                metrics.retryable_failure(endpoint.name(), reason.as_str(), retried);
+            }
+            if !retried {
                 break;
             }
             retry_number += 1;
-            let wait = wait_hint.unwrap_or_else(|| retry::backoff(&resilience.retry, retry_number));
-            // Never sleep past the deadline: the last error is the answer then.
-            if Instant::now() + wait >= deadline {
-                break;
-            }
-            if !matches!(resilience.breaker.admit(), Admission::Allowed) {
-                break;
-            }
-            if !resilience.budget.try_withdraw() {
-                tracing::debug!(
-                    endpoint = endpoint.name(),
-                    "retry budget spent; not retrying"
-                );
-                break;
-            }
             tokio::time::sleep(wait).await;
         }
         let answered_here =
@@ -259,10 +263,24 @@ async fn send_once(
         api_path: call.api_path,
         body,
         content_length,
-        request_id: call.request_id,
+        request_id: call.ids.request_id,
+        traceparent: &call.ids.traceparent,
         deadline,
     })
     .await
+}
+
+/// Takes a retry from the endpoint's budget; checked last, so only a retry that will
+/// happen spends it.
+fn withdraw_retry(endpoint: &Endpoint) -> bool {
+    let allowed = endpoint.resilience.budget.try_withdraw();
+    if !allowed {
+        tracing::debug!(
+            endpoint = endpoint.name(),
+            "retry budget spent; not retrying"
+        );
+    }
+    allowed
 }
 
 /// Failures before any response that another attempt may fix.

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::snapshot::{CredentialState, Endpoint, Upstream};
+use crate::trace::TRACEPARENT;
 use crate::upstream_client::{self, UpstreamRequestBody};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -49,6 +50,7 @@ pub struct UpstreamCall<'a> {
     pub body: UpstreamRequestBody,
     pub content_length: Option<u64>,
     pub request_id: &'a HeaderValue,
+    pub traceparent: &'a HeaderValue,
     /// When the whole call must be over (`timeouts.total` after it started).
     pub deadline: Instant,
 }
@@ -82,6 +84,7 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     headers.insert(super::REQUEST_ID.clone(), call.request_id.clone());
+    headers.insert(TRACEPARENT.clone(), call.traceparent.clone());
 
     let mut request = Request::new(call.body);
     *request.method_mut() = call.parts.method.clone();

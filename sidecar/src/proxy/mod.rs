@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use body::ResponseBody;
 use body::{Accounting, BodyKind, UpstreamBody};
@@ -30,9 +31,11 @@ use log::RequestLog;
 use usage::UsageTap;
 
 use crate::error::{ProxyError, JSON};
+use crate::metrics::Metrics;
 use crate::provider::mock::{self, MockResponse};
 use crate::reload::SharedState;
 use crate::snapshot::{Backend, Endpoint, Snapshot};
+use crate::trace::TraceContext;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Request: the app picks an endpoint by name. Response: the endpoint that served.
@@ -53,15 +56,35 @@ const JSON_ROUTES: &[&str] = &[
 
 pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Response<ResponseBody> {
     let request_id = request_id(&request);
+    let trace = TraceContext::from_request(request.headers());
+    let request_id_text = request_id.to_str().unwrap_or("-").to_string();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id_text,
+        trace_id = %trace.trace_id_hex()
+    );
     let mut log = RequestLog::new(
-        request_id.to_str().unwrap_or("-").to_string(),
+        request_id_text,
+        trace,
         request.method().clone(),
         request.uri().path().to_string(),
+        state.metrics.clone(),
     );
     let snapshot = state.snapshot();
-    let served = match route(&snapshot, request, &request_id, &mut log).await {
+    let ids = CallIds {
+        request_id: &request_id,
+        traceparent: trace.header_value(),
+        metrics: state.metrics.as_deref(),
+    };
+    let served = match route(&snapshot, request, &ids, &mut log)
+        .instrument(span.clone())
+        .await
+    {
         Ok(served) => served,
-        Err(failure) => failure.into_served(),
+        Err(failure) => {
+            log.error_code = Some(failure.error.code());
+            failure.into_served()
+        }
     };
     let Served {
         mut response,
@@ -82,7 +105,15 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     log.attempts = attempts;
     log.status = response.status().as_u16();
     log.headers_sent_after = Some(log.started.elapsed());
-    response.map(|kind| ResponseBody::new(kind, log, accounting))
+    response.map(|kind| ResponseBody::new(kind, log, accounting, span))
+}
+
+/// What every upstream call of one app request carries.
+pub struct CallIds<'a> {
+    pub request_id: &'a HeaderValue,
+    /// The app's trace continued under the sidecar's span.
+    pub traceparent: HeaderValue,
+    pub metrics: Option<&'a Metrics>,
 }
 
 /// A response ready to go, with what the log and the admission need when it ends.
@@ -142,7 +173,7 @@ impl From<dispatch::Failure> for Failure {
 async fn route(
     snapshot: &Snapshot,
     request: Request<Incoming>,
-    request_id: &HeaderValue,
+    ids: &CallIds<'_>,
     log: &mut RequestLog,
 ) -> Result<Served, Failure> {
     let path = request.uri().path();
@@ -166,9 +197,9 @@ async fn route(
             }
         }
         (&Method::POST, p) if JSON_ROUTES.contains(&p) => {
-            json_call(snapshot, request, &api_path, request_id, log).await
+            json_call(snapshot, request, &api_path, ids, log).await
         }
-        _ => passthrough(snapshot, request, &api_path, request_id, log).await,
+        _ => passthrough(snapshot, request, &api_path, ids, log).await,
     }
 }
 
@@ -179,7 +210,7 @@ async fn json_call(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     api_path: &str,
-    request_id: &HeaderValue,
+    ids: &CallIds<'_>,
     log: &mut RequestLog,
 ) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
@@ -217,7 +248,7 @@ async fn json_call(
             None => return Err(Failure::new(ProxyError::NoEndpointSelected, None)),
         },
     };
-    log.endpoint = Some(endpoint.name().to_string());
+    log.endpoint = Some(Arc::clone(&endpoint));
     let limit = endpoint.config.max_request_body_bytes;
     if bytes.len() as u64 > limit {
         return Err(Failure::new(
@@ -231,7 +262,7 @@ async fn json_call(
         primary: endpoint,
         parts: &parts,
         api_path,
-        request_id,
+        ids,
         body: CallBody::Json {
             bytes: &bytes,
             json: &json,
@@ -244,7 +275,7 @@ async fn json_call(
             permit,
             attempts,
         } => {
-            log.endpoint = Some(endpoint.name().to_string());
+            log.endpoint = Some(Arc::clone(&endpoint));
             let Backend::Mock(config) = &endpoint.backend else {
                 return Err(Failure::new(ProxyError::NoEndpointSelected, Some(endpoint)));
             };
@@ -253,7 +284,7 @@ async fn json_call(
                 &bytes,
                 &endpoint.config.model,
                 config,
-                request_id.to_str().unwrap_or(""),
+                ids.request_id.to_str().unwrap_or(""),
             );
             let answer = match answer {
                 Ok(answer) => answer,
@@ -278,7 +309,7 @@ async fn json_call(
             })
         }
         dispatch::Outcome::Upstream(answer) => {
-            log.endpoint = Some(answer.endpoint.name().to_string());
+            log.endpoint = Some(Arc::clone(&answer.endpoint));
             let success = answer.response.status().is_success();
             let (response, sse) =
                 upstream_response(answer.response, &answer.endpoint, answer.deadline);
@@ -303,7 +334,7 @@ async fn passthrough(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     api_path: &str,
-    request_id: &HeaderValue,
+    ids: &CallIds<'_>,
     log: &mut RequestLog,
 ) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
@@ -315,7 +346,7 @@ async fn passthrough(
                 None => return Err(Failure::new(ProxyError::NoEndpointSelected, None)),
             },
         };
-    log.endpoint = Some(endpoint.name().to_string());
+    log.endpoint = Some(Arc::clone(&endpoint));
     if let Backend::Mock(_) = &endpoint.backend {
         let error = ProxyError::NotImplementedByMock(format!("{} /v1{api_path}", parts.method));
         return Err(Failure::new(error, Some(endpoint)));
@@ -343,7 +374,7 @@ async fn passthrough(
         primary: endpoint,
         parts: &parts,
         api_path,
-        request_id,
+        ids,
         body: call_body,
     })
     .await?;

@@ -71,6 +71,10 @@ impl UsageTap {
         }
     }
 
+    pub fn is_sse(&self) -> bool {
+        matches!(self, Self::Sse { .. })
+    }
+
     pub fn observe(&mut self, data: &[u8]) {
         match self {
             Self::Json { tail } => {

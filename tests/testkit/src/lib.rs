@@ -227,10 +227,17 @@ async fn handle(
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     let headers = parts.headers.clone();
-    let model = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
+    let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let model = json
+        .as_ref()
         .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
         .unwrap_or_else(|| "unknown".to_string());
+    // Like OpenAI: a stream carries usage only when the request asks for it.
+    let include_usage = json
+        .as_ref()
+        .and_then(|v| v.pointer("/stream_options/include_usage"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     if options.record {
         if let Ok(mut requests) = shared.requests.lock() {
             requests.push(Recorded {
@@ -263,7 +270,7 @@ async fn handle(
             *count <= times
         }
     };
-    let mut response = respond(&shared, options, &headers, &model, faulty).await?;
+    let mut response = respond(&shared, options, &headers, &model, faulty, include_usage).await?;
     for value in headers.get_all(directives::RESPONSE_HEADER) {
         let Some((name, value)) = value.to_str().ok().and_then(|v| v.split_once(':')) else {
             continue;
@@ -284,6 +291,7 @@ async fn respond(
     headers: &HeaderMap,
     model: &str,
     faulty: bool,
+    include_usage: bool,
 ) -> Result<Response<FakeBody>, DroppedOnPurpose> {
     let headers = if faulty {
         headers.clone()
@@ -320,7 +328,13 @@ async fn respond(
         return Ok(json_response(status, &body));
     }
     if let Some(chunks) = directive(&headers, directives::STREAM_CHUNKS) {
-        return Ok(stream_response(shared, &headers, model, chunks));
+        return Ok(stream_response(
+            shared,
+            &headers,
+            model,
+            chunks,
+            include_usage,
+        ));
     }
     Ok(completion_response(model, options.body_bytes))
 }
@@ -370,6 +384,7 @@ fn stream_response(
     headers: &HeaderMap,
     model: &str,
     chunks: u64,
+    include_usage: bool,
 ) -> Response<FakeBody> {
     let interval =
         Duration::from_millis(directive(headers, directives::CHUNK_INTERVAL_MS).unwrap_or(0));
@@ -410,10 +425,20 @@ fn stream_response(
                 }
                 Step::Done => {
                     guard.armed = false;
-                    Some((
-                        Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))),
-                        (sent + 1, guard),
-                    ))
+                    let mut tail = String::new();
+                    if include_usage {
+                        let usage = serde_json::json!({
+                            "id": "chatcmpl-fake",
+                            "object": "chat.completion.chunk",
+                            "created": 1_700_000_000,
+                            "model": model,
+                            "choices": [],
+                            "usage": {"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks},
+                        });
+                        tail.push_str(&format!("data: {usage}\n\n"));
+                    }
+                    tail.push_str("data: [DONE]\n\n");
+                    Some((Ok(Frame::data(Bytes::from(tail))), (sent + 1, guard)))
                 }
                 Step::Fail => {
                     // Let the chunks already written leave before the connection is cut.

@@ -1,0 +1,359 @@
+//! The sidecar's Prometheus metrics, served on the admin listener at `/metrics`.
+//!
+//! Names follow OpenTelemetry's GenAI semantic conventions where they define the same thing
+//! (operation duration, time to first chunk, token usage), translated the way OpenTelemetry
+//! exports to Prometheus (dots become underscores, the unit becomes a suffix); the rest are
+//! `llmesh_*`. Every label value comes from the config or from a fixed set: never a request
+//! id, user input or key. docs/metrics.md lists them all.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::PriceConfig;
+use crate::snapshot::Snapshot;
+
+/// Seconds, from 10 ms to 11 minutes: embeddings answer in tens of milliseconds, reasoning
+/// models stream for many minutes. The first 14 are the GenAI conventions' own boundaries.
+const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 163.84,
+    327.68, 655.36,
+];
+/// The GenAI conventions' boundaries for token counts.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0,
+    4.0,
+    16.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+/// Distinct `model` label values kept; later ones are reported as `other`. Models come from
+/// the config, so this only bites when reloads keep introducing new ones.
+const MAX_MODEL_LABELS: usize = 64;
+pub const OTHER_MODEL: &str = "other";
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    in_flight: IntGauge,
+    duration: HistogramVec,
+    first_chunk: HistogramVec,
+    tokens: HistogramVec,
+    cost: CounterVec,
+    attempts: IntCounterVec,
+    retries: IntCounterVec,
+    rate_limited: IntCounterVec,
+    breaker_open: IntGaugeVec,
+    reloads: IntCounterVec,
+    reload_ok: IntGauge,
+    models: Mutex<HashSet<String>>,
+}
+
+/// The labels every model call shares.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLabels<'a> {
+    pub endpoint: &'a str,
+    pub model: &'a str,
+    pub operation: &'a str,
+    pub provider: &'a str,
+}
+
+/// One finished request, as the metrics see it.
+pub struct FinishedRequest<'a> {
+    pub call: CallLabels<'a>,
+    pub status: &'a str,
+    /// Set when the request failed: the sidecar's error code or the upstream's status.
+    pub error_type: Option<&'a str>,
+    pub seconds: f64,
+    /// Streamed successful responses only.
+    pub first_chunk_seconds: Option<f64>,
+    pub tokens: Option<TokenCount>,
+    pub price: Option<PriceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCount {
+    pub input: u64,
+    pub output: u64,
+    /// False when the response carried no `usage` and the counts are the sidecar's estimate.
+    pub reported: bool,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let call = ["endpoint", "model", "operation", "provider"];
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "llmesh_requests_total",
+                "Requests from the app, by endpoint, upstream model, operation and HTTP status.",
+            ),
+            &["endpoint", "model", "operation", "status"],
+        )?;
+        let in_flight = IntGauge::new(
+            "llmesh_requests_in_flight",
+            "Requests whose response has not ended (a stream counts until its last event).",
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_operation_duration_seconds",
+                "From the app's request to the end of the response, streams included.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["endpoint", "model", "operation", "provider", "error_type"],
+        )?;
+        let first_chunk = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_operation_time_to_first_chunk_seconds",
+                "From the app's request to the first chunk of a successful streamed response.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &call,
+        )?;
+        let tokens = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_token_usage",
+                "Tokens per successful model call, by type (input, output) and source (reported by the provider, or estimated when the response had no usage).",
+            )
+            .buckets(TOKEN_BUCKETS.to_vec()),
+            &["endpoint", "model", "operation", "provider", "token_type", "source"],
+        )?;
+        let cost = CounterVec::new(
+            Opts::new(
+                "llmesh_cost_usd_total",
+                "Estimated spend in US dollars: tokens times the endpoint's configured price.",
+            ),
+            &["endpoint", "model"],
+        )?;
+        let attempts = IntCounterVec::new(
+            Opts::new(
+                "llmesh_upstream_attempts_total",
+                "Calls sent to an upstream, retries included.",
+            ),
+            &["endpoint"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "llmesh_upstream_retries_total",
+                "Attempts that failed retryably, by reason, and whether another attempt followed (retried) or not (budget, deadline, attempts or breaker said no).",
+            ),
+            &["endpoint", "reason", "retried"],
+        )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "llmesh_rate_limited_total",
+                "Requests refused with 429 by the sidecar's own limits, by the limit that was hit.",
+            ),
+            &["endpoint", "limit"],
+        )?;
+        let breaker_open = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_circuit_breaker_open",
+                "1 while the endpoint's circuit breaker is open or half-open.",
+            ),
+            &["endpoint"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "llmesh_config_reloads_total",
+                "Changed configurations seen, by result (success, failure).",
+            ),
+            &["result"],
+        )?;
+        let reload_ok = IntGauge::new(
+            "llmesh_config_last_reload_successful",
+            "0 while the newest configuration on disk is rejected and the last good one serves.",
+        )?;
+        reload_ok.set(1);
+        let build_info = IntGaugeVec::new(
+            Opts::new("llmesh_build_info", "The running sidecar's version."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let registry = Registry::new();
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(first_chunk.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(cost.clone()))?;
+        registry.register(Box::new(attempts.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(breaker_open.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(reload_ok.clone()))?;
+        registry.register(Box::new(build_info))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            requests,
+            in_flight,
+            duration,
+            first_chunk,
+            tokens,
+            cost,
+            attempts,
+            retries,
+            rate_limited,
+            breaker_open,
+            reloads,
+            reload_ok,
+            models: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The `model` label for this model name: itself, or `other` once the cap is reached.
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        let Ok(mut models) = self.models.lock() else {
+            return OTHER_MODEL;
+        };
+        if models.contains(model) {
+            return model;
+        }
+        if models.len() < MAX_MODEL_LABELS {
+            models.insert(model.to_string());
+            return model;
+        }
+        OTHER_MODEL
+    }
+
+    pub fn request_started(&self) {
+        self.in_flight.inc();
+    }
+
+    pub fn request_finished(&self, r: &FinishedRequest<'_>) {
+        let c = r.call;
+        self.in_flight.dec();
+        self.requests
+            .with_label_values(&[c.endpoint, c.model, c.operation, r.status])
+            .inc();
+        self.duration
+            .with_label_values(&[
+                c.endpoint,
+                c.model,
+                c.operation,
+                c.provider,
+                r.error_type.unwrap_or(""),
+            ])
+            .observe(r.seconds);
+        if let Some(seconds) = r.first_chunk_seconds {
+            self.first_chunk
+                .with_label_values(&[c.endpoint, c.model, c.operation, c.provider])
+                .observe(seconds);
+        }
+        if let Some(tokens) = r.tokens {
+            let source = if tokens.reported {
+                "reported"
+            } else {
+                "estimated"
+            };
+            for (token_type, count) in [("input", tokens.input), ("output", tokens.output)] {
+                self.tokens
+                    .with_label_values(&[
+                        c.endpoint,
+                        c.model,
+                        c.operation,
+                        c.provider,
+                        token_type,
+                        source,
+                    ])
+                    .observe(count as f64);
+            }
+            if let Some(price) = r.price {
+                self.cost
+                    .with_label_values(&[c.endpoint, c.model])
+                    .inc_by(price.cost_usd(tokens.input, tokens.output));
+            }
+        }
+    }
+
+    pub fn attempt(&self, endpoint: &str) {
+        self.attempts.with_label_values(&[endpoint]).inc();
+    }
+
+    pub fn retryable_failure(&self, endpoint: &str, reason: &str, retried: bool) {
+        self.retries
+            .with_label_values(&[endpoint, reason, if retried { "true" } else { "false" }])
+            .inc();
+    }
+
+    pub fn rate_limited(&self, endpoint: &str, limit: &str) {
+        self.rate_limited
+            .with_label_values(&[endpoint, limit])
+            .inc();
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.with_label_values(&[result]).inc();
+        self.reload_ok.set(i64::from(ok));
+    }
+
+    /// The exposition text. State that lives elsewhere (breakers) is read now, so the data
+    /// path pays nothing for it.
+    pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
+        self.breaker_open.reset();
+        for endpoint in &snapshot.endpoints {
+            self.breaker_open
+                .with_label_values(&[endpoint.name()])
+                .set(i64::from(endpoint.resilience.breaker.is_open()));
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding well-formed metrics into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// `gen_ai.operation.name` for an API path under `/v1`.
+pub fn operation(api_path: &str) -> &'static str {
+    match api_path {
+        "/chat/completions" => "chat",
+        "/completions" => "text_completion",
+        "/embeddings" => "embeddings",
+        "/responses" => "generate_content",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_capped() {
+        let m = Metrics::new().unwrap();
+        for i in 0..MAX_MODEL_LABELS {
+            assert_eq!(m.model_label(&format!("m{i}")), format!("m{i}"));
+        }
+        assert_eq!(m.model_label("one-too-many"), OTHER_MODEL);
+        assert_eq!(m.model_label("m0"), "m0", "known models keep their label");
+    }
+
+    #[test]
+    fn cost_follows_the_price_per_million() {
+        let price = PriceConfig {
+            input_per_million_tokens: 2.5,
+            output_per_million_tokens: 10.0,
+        };
+        let cost = price.cost_usd(1_000, 500);
+        assert!((cost - 0.0075).abs() < 1e-12, "{cost}");
+    }
+}
