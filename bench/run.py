@@ -6,9 +6,11 @@ back (order rotated per round), so the targets share the machine's conditions an
 compared side by side. The script reports added latency (target minus direct in the same
 round), throughput, CPU seconds per 10k requests and peak RSS of each proxy.
 
-llmesh runs in three configurations (see SIDECARS): bare (no retries, no breaker, no
-limits), with retries, breaker and local limits configured but never triggered, and with
-the same limits shared through a real redis-server.
+llmesh runs in four configurations (see SIDECARS): bare (no retries, no breaker, no
+limits), the same with metrics turned off, with retries, breaker and local limits
+configured but never triggered, and with the same limits shared through a real
+redis-server. While llmesh (bare, metrics on) is under load, /metrics is scraped every
+200 ms and the scrape times are reported.
 
 Used by bench/run.sh, which installs the tools and builds the release binaries first.
 """
@@ -83,6 +85,31 @@ def memory_kb(pid, field):
     return total
 
 
+class Scraper:
+    """Scrapes /metrics every 200 ms on a thread until stopped; returns each scrape's time."""
+
+    def __init__(self, url):
+        import threading
+        import urllib.request
+        self.times = []
+        self.done = threading.Event()
+
+        def loop():
+            while not self.done.wait(0.2):
+                started = time.perf_counter()
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    response.read()
+                self.times.append((time.perf_counter() - started) * 1000)
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.times
+
+
 class Target:
     def __init__(self, name, url, pid=None):
         self.name = name
@@ -103,14 +130,21 @@ def start_fake_upstream(port):
 # prompt tokens, taking from the buckets, holding a concurrency slot, settling usage) but
 # never makes a request wait.
 UNTRIGGERED_LIMITS = "requestsPerMinute: 100000000, tokensPerMinute: 100000000000, maxConcurrent: 100000"
+BARE = "retry: {maxAttempts: 1}\n    circuitBreaker: {consecutiveFailures: 0}"
+# name: (endpoint settings, extra command-line arguments)
 SIDECARS = {
-    "llmesh": "retry: {maxAttempts: 1}\n    circuitBreaker: {consecutiveFailures: 0}",
-    "llmesh-limits": f"retry: {{maxAttempts: 3}}\n    limits: {{{UNTRIGGERED_LIMITS}}}",
+    "llmesh": (BARE, []),
+    "llmesh-nometrics": (BARE, ["--metrics", "false"]),
+    "llmesh-limits": (f"retry: {{maxAttempts: 3}}\n    limits: {{{UNTRIGGERED_LIMITS}}}", []),
     "llmesh-redis": (
         "retry: {maxAttempts: 3}\n    limits: {" + UNTRIGGERED_LIMITS
-        + ", scope: global, redis: {url: 'redis://127.0.0.1:REDIS_PORT'}}"
+        + ", scope: global, redis: {url: 'redis://127.0.0.1:REDIS_PORT'}}",
+        [],
     ),
 }
+# Plain English, so that the tokenizer does the work it does on real prompts.
+PROMPT = ("Summarise the quarterly report: revenue rose twelve percent while costs held steady, "
+          "and the board approved the new hiring plan for the support team in Lisbon. ") * 6
 
 
 def start_redis(tmp, port):
@@ -134,7 +168,7 @@ def redis_lease_calls(port):
     return calls
 
 
-def start_sidecar(tmp, name, settings, upstream_port, port, admin_port):
+def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_port):
     key = tmp / "key"
     key.write_text(KEY)
     config = tmp / f"{name}.yaml"
@@ -157,6 +191,7 @@ def start_sidecar(tmp, name, settings, upstream_port, port, admin_port):
             "--listen", f"127.0.0.1:{port}",
             "--admin-listen", f"127.0.0.1:{admin_port}",
             "--log-format", "json",
+            *extra_args,
         ],
         stdout=log,
         stderr=log,
@@ -258,7 +293,7 @@ def main():
     body_file = tmp / "body.json"
     body_file.write_text(json.dumps({
         "model": "chat",
-        "messages": [{"role": "user", "content": "x" * 900}],
+        "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": 64,
     }))
     up_port = free_port()
@@ -269,17 +304,21 @@ def main():
         procs.append(upstream)
         targets = [Target("direct", f"http://127.0.0.1:{up_port}{path}")]
         redis_port = None
+        metrics_url = None
         for name in proxies:
             port = free_port()
             if name == "nginx":
                 proc = start_nginx(tmp, up_port, port)
             else:
-                settings = SIDECARS[name]
+                settings, extra_args = SIDECARS[name]
                 if "REDIS_PORT" in settings:
                     redis_port = free_port()
                     procs.append(start_redis(tmp, redis_port))
                     settings = settings.replace("REDIS_PORT", str(redis_port))
-                proc = start_sidecar(tmp, name, settings, up_port, port, free_port())
+                admin_port = free_port()
+                proc = start_sidecar(tmp, name, settings, extra_args, up_port, port, admin_port)
+                if name == "llmesh":
+                    metrics_url = f"http://127.0.0.1:{admin_port}/metrics"
             procs.append(proc)
             targets.append(Target(name, f"http://127.0.0.1:{port}{path}", proc.pid))
         time.sleep(0.5)
@@ -287,13 +326,17 @@ def main():
         load_before = pathlib.Path("/proc/loadavg").read_text().split()[:3]
         rates = [int(r) for r in args.rates.split(",")]
         results = {"rates": {}, "streaming": {}}
+        scrape_ms = {}
         for rnd in range(args.rounds):
             order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
             for rate in rates:
                 for t in order:
                     cpu0 = cpu_seconds(t.pid) if t.pid else 0
                     leases0 = redis_lease_calls(redis_port) if t.name == "llmesh-redis" else 0
+                    scraper = Scraper(metrics_url) if t.name == "llmesh" and metrics_url else None
                     raw = run_oha(args.oha, t.url, body_file, args.seconds, args.connections, rate)
+                    if scraper:
+                        scrape_ms.setdefault(str(rate), []).extend(scraper.stop())
                     s = summarize_oha(raw)
                     if t.pid:
                         s["cpu_s_per_10k"] = (cpu_seconds(t.pid) - cpu0) / max(s["requests"], 1) * 10_000
@@ -318,6 +361,10 @@ def main():
 
     report = build_report(results, [t.name for t in targets if t.pid], idle_rss, peak_rss, load_before,
                           load_after, args)
+    report["metrics_scrape_ms"] = {
+        rate: {"scrapes": len(ms), "p50": statistics.median(ms), "max": max(ms)}
+        for rate, ms in scrape_ms.items() if ms
+    }
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"raw": results, "report": report}, indent=2))
     print(render(report))
@@ -381,6 +428,9 @@ def render(report):
                 f"| {label} | {name} | {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['rps']:.0f} "
                 f"| {r['cpu_s_per_10k']:.3f} | {r['non_2xx_or_errors']} |"
             )
+    for rate, s in report.get("metrics_scrape_ms", {}).items():
+        label = "unlimited" if rate == "0" else f"{rate}/s"
+        lines.append(f"/metrics scrape under load ({label}): {s['scrapes']} scrapes, p50 {s['p50']:.2f} ms, max {s['max']:.2f} ms")
     redis_rows = [(rate, row[p]["redis_calls_per_10k"]) for rate, row in report["rates"].items()
                   for p in report["proxies"] if "redis_calls_per_10k" in row[p]]
     if redis_rows:

@@ -76,6 +76,7 @@ pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>
     };
     let controller = Controller::new(scoped(&client), watcher::Config::default());
     let endpoints = controller.store();
+    metrics.watch_endpoints(endpoints.clone());
     let by_secret = endpoints.clone();
     let by_namespace = endpoints.clone();
     let context = Arc::new(Context {

@@ -1,15 +1,20 @@
 //! The operator's Prometheus metrics and its admin endpoints (`/healthz`, `/readyz`,
 //! `/metrics`), served apart from the controller.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::crd::LlmEndpoint;
 
 pub struct Metrics {
     registry: Registry,
@@ -19,6 +24,10 @@ pub struct Metrics {
     /// finds nothing changed must leave it unchanged.
     pub api_writes: IntCounterVec,
     pub leader: IntGauge,
+    endpoints: IntGaugeVec,
+    /// The controller's cache of LlmEndpoints (set while this replica leads), counted at
+    /// scrape time so that deleted objects drop out without bookkeeping.
+    endpoint_store: Mutex<Option<Store<LlmEndpoint>>>,
 }
 
 impl Metrics {
@@ -56,6 +65,14 @@ impl Metrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(api_writes.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_operator_endpoints",
+                "LlmEndpoints by the environment they render for and whether they are Ready.",
+            ),
+            &["environment", "ready"],
+        )?;
+        registry.register(Box::new(endpoints.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -65,7 +82,43 @@ impl Metrics {
             reconcile_duration,
             api_writes,
             leader,
+            endpoints,
+            endpoint_store: Mutex::new(None),
         })
+    }
+
+    pub fn watch_endpoints(&self, store: Store<LlmEndpoint>) {
+        if let Ok(mut slot) = self.endpoint_store.lock() {
+            *slot = Some(store);
+        }
+    }
+
+    fn count_endpoints(&self) {
+        self.endpoints.reset();
+        let Ok(slot) = self.endpoint_store.lock() else {
+            return;
+        };
+        let Some(store) = slot.as_ref() else {
+            return;
+        };
+        let mut counts: BTreeMap<(String, bool), i64> = BTreeMap::new();
+        for endpoint in store.state() {
+            let status = endpoint.status.as_ref();
+            let environment = status
+                .and_then(|s| s.environment.clone())
+                .unwrap_or_else(|| "unknown".to_string());
+            let ready = status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            *counts.entry((environment, ready)).or_default() += 1;
+        }
+        for ((environment, ready), count) in counts {
+            self.endpoints
+                .with_label_values(&[environment.as_str(), if ready { "true" } else { "false" }])
+                .set(count);
+        }
     }
 
     pub fn observe_reconcile(&self, kind: &str, ok: bool, took: Duration) {
@@ -81,7 +134,9 @@ impl Metrics {
         self.api_writes.with_label_values(&[kind]).inc();
     }
 
-    fn render(&self) -> Vec<u8> {
+    /// The exposition text served at `/metrics`.
+    pub fn render(&self) -> Vec<u8> {
+        self.count_endpoints();
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -33,6 +33,7 @@ const SPEC: &str = r#"{
 struct Setup {
     client: kube::Client,
     ns: String,
+    metrics: std::sync::Arc<llmesh_operator::metrics::Metrics>,
     controller: tokio::task::JoinHandle<()>,
 }
 
@@ -49,17 +50,19 @@ async fn setup(prefix: &str, environment: &str) -> Setup {
     let ns = plane.namespace(prefix).await.unwrap();
     let client = plane.client().await.unwrap();
     label_namespace(&client, &ns, environment).await;
+    let metrics = std::sync::Arc::new(llmesh_operator::metrics::Metrics::new().unwrap());
     let controller = tokio::spawn(controller::run(
         client.clone(),
         Settings {
             default_environment: "default".into(),
             namespace: Some(ns.clone()),
         },
-        std::sync::Arc::new(llmesh_operator::metrics::Metrics::new().unwrap()),
+        std::sync::Arc::clone(&metrics),
     ));
     Setup {
         client,
         ns,
+        metrics,
         controller,
     }
 }
@@ -210,6 +213,27 @@ async fn each_environment_gets_its_own_rendering_and_key() {
             .filter_map(|f| f.manager)
             .collect();
         assert_eq!(managers, ["llmesh-operator"]);
+
+        // The operator's metrics count the endpoint under its environment, as Ready.
+        let ready_series =
+            format!("llmesh_operator_endpoints{{environment=\"{environment}\",ready=\"true\"}} 1");
+        let scraped = eventually(Duration::from_secs(10), || async {
+            let text = String::from_utf8(s.metrics.render()).unwrap();
+            text.contains(&ready_series).then_some(text)
+        })
+        .await;
+        let text = scraped.unwrap_or_else(|| {
+            panic!(
+                "{ready_series} not in:\n{}",
+                String::from_utf8_lossy(&s.metrics.render())
+            )
+        });
+        assert!(
+            text.contains(
+                "llmesh_operator_reconciles_total{kind=\"LlmEndpoint\",result=\"success\"}"
+            ),
+            "{text}"
+        );
     }
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
 pub mod provider;
 pub mod proxy;
 pub mod reload;

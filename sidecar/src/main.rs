@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use llmesh_sidecar::config::{self, ConfigSource};
 use llmesh_sidecar::logging::{self, LogFormat};
 use llmesh_sidecar::metrics::Metrics;
+use llmesh_sidecar::otlp::SpanSink;
 use llmesh_sidecar::reload::{Reloader, SharedState};
 use llmesh_sidecar::server;
 use llmesh_sidecar::snapshot::Snapshot;
@@ -50,6 +51,10 @@ struct Cli {
     /// Serve Prometheus metrics at the admin port's `/metrics` (`--metrics false` turns them off).
     #[arg(long, env = "LLMESH_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     metrics: bool,
+    /// Export one span per request to this OpenTelemetry collector (its OTLP/HTTP base URL,
+    /// e.g. http://otel-collector:4318; spans go to /v1/traces as JSON). Off by default.
+    #[arg(long, env = "LLMESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     check: bool,
@@ -120,7 +125,15 @@ fn run(
     } else {
         None
     };
-    let state = SharedState::new(snapshot, metrics);
+    let (spans_shutdown_tx, spans_shutdown_rx) = watch::channel(false);
+    let (spans, span_export) = match &cli.otlp_endpoint {
+        Some(endpoint) => {
+            let (sink, export) = SpanSink::start(endpoint, spans_shutdown_rx)?;
+            (Some(Arc::new(sink)), Some(export))
+        }
+        None => (None, None),
+    };
+    let state = SharedState::new(snapshot, metrics, spans);
     let workers = cli
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -174,6 +187,7 @@ fn run(
         tokio::spawn(reloader.run(cli.reload_interval.get()));
         let (admin_shutdown_tx, admin_shutdown_rx) = watch::channel(false);
         let admin = tokio::spawn(server::serve_admin(admin_listener, state.clone(), admin_shutdown_rx));
+        let span_export = span_export.map(tokio::spawn);
 
         wait_for_signal().await?;
         tracing::info!(grace = %cli.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
@@ -190,6 +204,11 @@ fn run(
                 Ok(Err(error)) => tracing::error!(%error, "worker failed"),
                 Err(_) => tracing::error!("worker panicked"),
             }
+        }
+        // The last requests' spans are sent before exit.
+        if let Some(export) = span_export {
+            let _ = spans_shutdown_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(5), export).await;
         }
         let _ = admin_shutdown_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;

@@ -177,6 +177,10 @@ impl Metrics {
             "0 while the newest configuration on disk is rejected and the last good one serves.",
         )?;
         reload_ok.set(1);
+        // Both results exist from the start, so that `increase()` sees the first failure.
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("llmesh_build_info", "The running sidecar's version."),
             &["version"],

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{ConfigSource, LoadedConfig, RawConfig};
 use crate::metrics::Metrics;
+use crate::otlp::SpanSink;
 use crate::snapshot::Snapshot;
 
 /// What the data path and the admin server share.
@@ -21,14 +22,21 @@ pub struct SharedState {
     draining: AtomicBool,
     /// None when metrics are turned off (`--metrics false`).
     pub metrics: Option<Arc<Metrics>>,
+    /// Some when spans are exported (`--otlp-endpoint`).
+    pub spans: Option<Arc<SpanSink>>,
 }
 
 impl SharedState {
-    pub fn new(snapshot: Snapshot, metrics: Option<Arc<Metrics>>) -> Arc<Self> {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Option<Arc<Metrics>>,
+        spans: Option<Arc<SpanSink>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             metrics,
+            spans,
         })
     }
 

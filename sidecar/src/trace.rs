@@ -18,6 +18,8 @@ pub struct TraceContext {
     pub trace_id: u128,
     /// The sidecar's span: the parent of the upstream's.
     pub span_id: u64,
+    /// The app's span, when the app sent a valid `traceparent`.
+    pub parent_span_id: Option<u64>,
     pub flags: u8,
 }
 
@@ -35,14 +37,16 @@ impl TraceContext {
             }
         };
         match incoming {
-            Some((trace_id, flags)) => Self {
+            Some((trace_id, parent_span_id, flags)) => Self {
                 trace_id,
                 span_id,
+                parent_span_id: Some(parent_span_id),
                 flags,
             },
             None => Self {
                 trace_id: fastrand::u128(1..),
                 span_id,
+                parent_span_id: None,
                 flags: FLAG_SAMPLED,
             },
         }
@@ -62,9 +66,9 @@ impl TraceContext {
     }
 }
 
-/// `version-traceid-parentid-flags`; returns the trace id and flags. Versions above 00 may
+/// `version-traceid-parentid-flags`; returns the trace id, parent id and flags. Versions above 00 may
 /// append fields, which are ignored as the spec asks; version ff and all-zero ids are invalid.
-fn parse(value: &str) -> Option<(u128, u8)> {
+fn parse(value: &str) -> Option<(u128, u64, u8)> {
     let mut fields = value.trim().split('-');
     let version = fields.next()?;
     let trace_id = fields.next()?;
@@ -90,7 +94,7 @@ fn parse(value: &str) -> Option<(u128, u8)> {
     if trace_id == 0 || parent_id == 0 {
         return None;
     }
-    Some((trace_id, u8::from_str_radix(flags, 16).ok()?))
+    Some((trace_id, parent_id, u8::from_str_radix(flags, 16).ok()?))
 }
 
 #[cfg(test)]
@@ -110,6 +114,7 @@ mod tests {
         assert_eq!(ctx.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(ctx.flags, 0, "the app's sampling decision is kept");
         assert_ne!(ctx.span_id, 0x00f0_67aa_0ba9_02b7);
+        assert_eq!(ctx.parent_span_id, Some(0x00f0_67aa_0ba9_02b7));
         let out = ctx.header_value();
         let out = out.to_str().unwrap();
         assert!(

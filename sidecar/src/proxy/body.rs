@@ -73,6 +73,9 @@ impl ResponseBody {
             let usage = accounting.tap.usage();
             let chunks = accounting.tap.streamed_chunks();
             let prompt_estimate = accounting.permit.as_ref().map(|p| p.prompt_tokens());
+            if log.wants_finish_reasons() {
+                log.finish_reasons = accounting.tap.finish_reasons();
+            }
             log.tokens = match (usage, prompt_estimate) {
                 (Some(u), _) => Some(TokenCount {
                     input: u.prompt_tokens,

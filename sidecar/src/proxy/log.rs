@@ -2,12 +2,14 @@
 //! metrics. A request the app abandons before any response is recorded too (on drop).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{Method, StatusCode};
+use opentelemetry::{Array, KeyValue, StringValue, Value};
 use tokio::time::Instant;
 
 use crate::metrics::{self, CallLabels, FinishedRequest, Metrics, TokenCount};
+use crate::otlp::{RequestSpan, SpanSink};
 use crate::snapshot::Endpoint;
 use crate::trace::TraceContext;
 
@@ -54,8 +56,28 @@ pub struct RequestLog {
     pub streamed: bool,
     pub attempts: u32,
     pub tokens: Option<TokenCount>,
+    /// Filled only when spans are exported (`wants_finish_reasons`).
+    pub finish_reasons: Vec<String>,
+    started_at: SystemTime,
     metrics: Option<Arc<Metrics>>,
+    spans: Option<Arc<SpanSink>>,
     written: bool,
+}
+
+/// Where a finished request is reported besides the log.
+#[derive(Clone, Default)]
+pub struct Observers {
+    pub metrics: Option<Arc<Metrics>>,
+    pub spans: Option<Arc<SpanSink>>,
+}
+
+/// What the metrics and the span say about a finished request.
+struct Summary<'a> {
+    status: &'a str,
+    error_type: Option<&'a str>,
+    endpoint: &'a str,
+    upstream_model: &'a str,
+    provider: &'a str,
 }
 
 impl RequestLog {
@@ -64,9 +86,9 @@ impl RequestLog {
         trace: TraceContext,
         method: Method,
         path: String,
-        metrics: Option<Arc<Metrics>>,
+        observers: Observers,
     ) -> Self {
-        if let Some(m) = &metrics {
+        if let Some(m) = &observers.metrics {
             m.request_started();
         }
         let operation = metrics::operation(path.strip_prefix("/v1").unwrap_or(""));
@@ -86,9 +108,16 @@ impl RequestLog {
             streamed: false,
             attempts: 0,
             tokens: None,
-            metrics,
+            finish_reasons: Vec::new(),
+            started_at: SystemTime::now(),
+            metrics: observers.metrics,
+            spans: observers.spans,
             written: false,
         }
+    }
+
+    pub fn wants_finish_reasons(&self) -> bool {
+        self.spans.is_some()
     }
 
     pub fn finish(&mut self, outcome: Outcome) {
@@ -96,7 +125,13 @@ impl RequestLog {
             return;
         }
         let took = self.started.elapsed();
-        self.record_metrics(outcome, took);
+        if self.metrics.is_some() || self.spans.is_some() {
+            let status = StatusCode::from_u16(self.status).ok();
+            let status_label = status.as_ref().map_or(CLIENT_CLOSED, StatusCode::as_str);
+            let summary = self.summary(outcome, status, status_label);
+            self.record_metrics(&summary, took);
+            self.export_span(&summary);
+        }
         let millis = |d: Duration| (d.as_secs_f64() * 100_000.0).round() / 100.0;
         let trace_id = self.trace.trace_id_hex();
         tracing::info!(
@@ -119,12 +154,12 @@ impl RequestLog {
         );
     }
 
-    fn record_metrics(&self, outcome: Outcome, took: Duration) {
-        let Some(metrics) = &self.metrics else {
-            return;
-        };
-        let status = StatusCode::from_u16(self.status).ok();
-        let status_label = status.as_ref().map_or(CLIENT_CLOSED, StatusCode::as_str);
+    fn summary<'a>(
+        &'a self,
+        outcome: Outcome,
+        status: Option<StatusCode>,
+        status_label: &'a str,
+    ) -> Summary<'a> {
         let failed_mid_response = match outcome {
             Outcome::UpstreamFailed => Some("upstream_failed"),
             Outcome::UpstreamTimedOut => Some("upstream_timeout"),
@@ -142,32 +177,104 @@ impl RequestLog {
             (None, Some(s)) if !s.is_success() => Some(status_label),
             _ => None,
         };
-        let (endpoint, model, provider, price) = match &self.endpoint {
+        let (endpoint, upstream_model, provider) = match &self.endpoint {
             Some(e) => (
                 e.name(),
-                metrics.model_label(&e.config.model),
+                e.config.model.as_str(),
                 e.config.provider.as_str(),
-                e.config.price,
             ),
-            None => ("", "", "", None),
+            None => ("", "", ""),
         };
-        let success = error_type.is_none();
-        metrics.request_finished(&FinishedRequest {
-            call: CallLabels {
-                endpoint,
-                model,
-                operation: self.operation,
-                provider,
-            },
+        Summary {
             status: status_label,
             error_type,
+            endpoint,
+            upstream_model,
+            provider,
+        }
+    }
+
+    fn record_metrics(&self, summary: &Summary<'_>, took: Duration) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let success = summary.error_type.is_none();
+        metrics.request_finished(&FinishedRequest {
+            call: CallLabels {
+                endpoint: summary.endpoint,
+                model: metrics.model_label(summary.upstream_model),
+                operation: self.operation,
+                provider: summary.provider,
+            },
+            status: summary.status,
+            error_type: summary.error_type,
             seconds: took.as_secs_f64(),
             first_chunk_seconds: self
                 .first_chunk_after
                 .filter(|_| self.streamed && success)
                 .map(|d| d.as_secs_f64()),
             tokens: self.tokens.filter(|_| success),
-            price,
+            price: self.endpoint.as_ref().and_then(|e| e.config.price),
+        });
+    }
+
+    /// The request's span, with OpenTelemetry's GenAI attributes.
+    fn export_span(&self, summary: &Summary<'_>) {
+        let Some(spans) = &self.spans else {
+            return;
+        };
+        let model = self.model.as_deref().unwrap_or(summary.upstream_model);
+        let mut attributes = vec![
+            KeyValue::new("gen_ai.operation.name", self.operation),
+            KeyValue::new("http.request.method", self.method.to_string()),
+            KeyValue::new("url.path", self.path.clone()),
+            KeyValue::new("llmesh.request_id", self.request_id.clone()),
+            KeyValue::new("llmesh.attempts", i64::from(self.attempts)),
+        ];
+        if self.status != 0 {
+            attributes.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(self.status),
+            ));
+        }
+        if let Some(model) = &self.model {
+            attributes.push(KeyValue::new("gen_ai.request.model", model.clone()));
+        }
+        if !summary.endpoint.is_empty() {
+            attributes.extend([
+                KeyValue::new("gen_ai.provider.name", summary.provider.to_string()),
+                KeyValue::new("llmesh.endpoint", summary.endpoint.to_string()),
+                KeyValue::new("llmesh.upstream_model", summary.upstream_model.to_string()),
+            ]);
+        }
+        if let Some(tokens) = self.tokens {
+            attributes.extend([
+                KeyValue::new("gen_ai.usage.input_tokens", tokens.input as i64),
+                KeyValue::new("gen_ai.usage.output_tokens", tokens.output as i64),
+                KeyValue::new("llmesh.usage_estimated", !tokens.reported),
+            ]);
+        }
+        if !self.finish_reasons.is_empty() {
+            let reasons: Vec<StringValue> = self
+                .finish_reasons
+                .iter()
+                .map(|r| StringValue::from(r.clone()))
+                .collect();
+            attributes.push(KeyValue::new(
+                "gen_ai.response.finish_reasons",
+                Value::Array(Array::String(reasons)),
+            ));
+        }
+        if let Some(error_type) = summary.error_type {
+            attributes.push(KeyValue::new("error.type", error_type.to_string()));
+        }
+        spans.submit(RequestSpan {
+            trace: self.trace,
+            name: format!("{} {model}", self.operation),
+            start: self.started_at,
+            end: SystemTime::now(),
+            attributes,
+            error: summary.error_type.map(str::to_string),
         });
     }
 }

@@ -27,7 +27,7 @@ pub use body::ResponseBody;
 use body::{Accounting, BodyKind, UpstreamBody};
 use dispatch::CallBody;
 use json::RequestJson;
-use log::RequestLog;
+use log::{Observers, RequestLog};
 use usage::UsageTap;
 
 use crate::error::{ProxyError, JSON};
@@ -68,7 +68,10 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
         trace,
         request.method().clone(),
         request.uri().path().to_string(),
-        state.metrics.clone(),
+        Observers {
+            metrics: state.metrics.clone(),
+            spans: state.spans.clone(),
+        },
     );
     let snapshot = state.snapshot();
     let ids = CallIds {

@@ -1,4 +1,5 @@
-//! Reads `usage` from a response as its frames pass by, without holding the response back:
+//! Reads `usage` (and the finish reasons) from a response as its frames pass by, without
+//! holding the response back:
 //! for Server-Sent Events, line by line across frame boundaries (an event split over two
 //! reads is still seen whole); for JSON, from the body's tail, where providers put `usage`.
 
@@ -8,6 +9,10 @@ use serde::Deserialize;
 const MAX_SSE_LINE: usize = 256 * 1024;
 /// How much of a JSON body's end is kept to find `usage` in.
 const JSON_TAIL: usize = 8 * 1024;
+/// Finish reasons kept per response (one per choice; `n` is rarely above a few).
+const MAX_FINISH_REASONS: usize = 8;
+/// Longer values are not finish reasons (OpenAI's are `stop`, `length`, `tool_calls`, ...).
+const MAX_FINISH_REASON_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
@@ -51,6 +56,7 @@ pub enum UsageTap {
         skipping_long_line: bool,
         data_events: u64,
         usage: Option<Usage>,
+        finish_reasons: Vec<String>,
     },
     Json {
         tail: Vec<u8>,
@@ -65,6 +71,7 @@ impl UsageTap {
                 skipping_long_line: false,
                 data_events: 0,
                 usage: None,
+                finish_reasons: Vec::new(),
             }
         } else {
             Self::Json { tail: Vec::new() }
@@ -92,12 +99,13 @@ impl UsageTap {
                 skipping_long_line,
                 data_events,
                 usage,
+                finish_reasons,
             } => {
                 let mut rest = data;
                 while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
                     if !*skipping_long_line {
                         line.extend_from_slice(&rest[..newline]);
-                        inspect_line(line, data_events, usage);
+                        inspect_line(line, data_events, usage, finish_reasons);
                     }
                     line.clear();
                     *skipping_long_line = false;
@@ -123,6 +131,18 @@ impl UsageTap {
         }
     }
 
+    /// The choices' `finish_reason`s (`stop`, `length`, `tool_calls`, ...), in order seen.
+    pub fn finish_reasons(&self) -> Vec<String> {
+        match self {
+            Self::Sse { finish_reasons, .. } => finish_reasons.clone(),
+            Self::Json { tail } => {
+                let mut found = Vec::new();
+                collect_finish_reasons(tail, &mut found);
+                found
+            }
+        }
+    }
+
     /// Data events seen in a stream: one per generated chunk, a fair estimate of completion
     /// tokens when the stream carries no usage.
     pub fn streamed_chunks(&self) -> Option<u64> {
@@ -133,7 +153,12 @@ impl UsageTap {
     }
 }
 
-fn inspect_line(line: &[u8], data_events: &mut u64, usage: &mut Option<Usage>) {
+fn inspect_line(
+    line: &[u8],
+    data_events: &mut u64,
+    usage: &mut Option<Usage>,
+    finish_reasons: &mut Vec<String>,
+) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(payload) = line.strip_prefix(b"data:") else {
         return;
@@ -143,6 +168,7 @@ fn inspect_line(line: &[u8], data_events: &mut u64, usage: &mut Option<Usage>) {
         return;
     }
     *data_events += 1;
+    collect_finish_reasons(payload, finish_reasons);
     if !contains(payload, b"\"usage\"") {
         return;
     }
@@ -174,6 +200,39 @@ fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
     let value = after_key.strip_prefix(b":")?;
     let mut values = serde_json::Deserializer::from_slice(value).into_iter::<WireUsage>();
     values.next()?.ok()?.into_usage()
+}
+
+/// Every `"finish_reason":"…"` with a string value (streams send `null` until the end).
+fn collect_finish_reasons(json: &[u8], out: &mut Vec<String>) {
+    const KEY: &[u8] = b"\"finish_reason\":";
+    let mut rest = json;
+    while let Some(at) = find(rest, KEY) {
+        rest = &rest[at + KEY.len()..];
+        let value = rest.trim_ascii_start();
+        let Some(value) = value.strip_prefix(b"\"") else {
+            continue;
+        };
+        let Some(end) = value.iter().position(|&b| b == b'"') else {
+            return;
+        };
+        let reason = &value[..end];
+        if reason.len() <= MAX_FINISH_REASON_LEN
+            && reason
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            && out.len() < MAX_FINISH_REASONS
+        {
+            if let Ok(reason) = std::str::from_utf8(reason) {
+                if !out.iter().any(|r| r == reason) {
+                    out.push(reason.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -255,5 +314,20 @@ mod tests {
         let mut tap = UsageTap::new(false);
         tap.observe(br#"{"error":{"message":"bad","type":"invalid_request_error"}}"#);
         assert_eq!(tap.usage(), None);
+    }
+
+    #[test]
+    fn finish_reasons_from_streams_and_bodies() {
+        let mut tap = UsageTap::new(true);
+        tap.observe(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n",
+        );
+        tap.observe(b"data: {\"choices\":[{\"delta\":{},\"finish_reason\": \"length\"}]}\n\ndata: [DONE]\n\n");
+        assert_eq!(tap.finish_reasons(), ["length"]);
+
+        let mut tap = UsageTap::new(false);
+        tap.observe(br#"{"choices":[{"index":0,"message":{"content":"say \"finish_reason\":\"x\""},"finish_reason":"stop"},"#);
+        tap.observe(br#"{"index":1,"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":1}}"#);
+        assert_eq!(tap.finish_reasons(), ["stop", "tool_calls"]);
     }
 }
