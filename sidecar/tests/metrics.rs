@@ -410,16 +410,9 @@ async fn labels_hold_no_request_ids_user_input_or_keys() {
 
 #[tokio::test]
 async fn metrics_can_be_turned_off() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.yaml"),
+    let sidecar = Sidecar::start_with_flags(
         "endpoints: [{name: chat, provider: mock, model: m}]\n",
-    )
-    .unwrap();
-    let config = dir.path().join("config.yaml");
-    let sidecar = Sidecar::start_with(
-        dir,
-        &["--config", config.to_str().unwrap(), "--metrics", "false"],
+        &["--metrics", "false"],
     );
     let r = client()
         .get(sidecar.admin_url("/metrics"))

@@ -82,11 +82,9 @@ fn attribute<'a>(span: &'a Value, key: &str) -> &'a Value {
 async fn each_request_is_a_span_in_the_apps_trace_with_genai_attributes() {
     let collector = Collector::start().await;
     let upstream = FakeUpstream::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    let endpoint = format!("http://{}", collector.addr);
+    let sidecar = Sidecar::start_with_flags(
+        &format!(
             "endpoints:
   - name: chat
     provider: openai-compatible
@@ -95,17 +93,7 @@ async fn each_request_is_a_span_in_the_apps_trace_with_genai_attributes() {
 ",
             upstream.base_url()
         ),
-    )
-    .unwrap();
-    let endpoint = format!("http://{}", collector.addr);
-    let sidecar = Sidecar::start_with(
-        dir,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--otlp-endpoint",
-            &endpoint,
-        ],
+        &["--otlp-endpoint", &endpoint],
     );
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";

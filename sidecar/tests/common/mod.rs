@@ -24,10 +24,18 @@ pub struct Sidecar {
 impl Sidecar {
     /// Writes `config_yaml` to `config.yaml` in a new temp dir and starts the sidecar on it.
     pub fn start(config_yaml: &str) -> Self {
+        Self::start_with_flags(config_yaml, &[])
+    }
+
+    /// Starts the sidecar on `config_yaml` with extra command-line `flags`.
+    pub fn start_with_flags(config_yaml: &str, flags: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config_yaml).expect("write config");
-        Self::start_with(dir, &["--config", path.to_str().expect("utf-8 path")])
+        let path = path.to_str().expect("utf-8 path").to_string();
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(flags);
+        Self::start_with(dir, &args)
     }
 
     /// Starts the sidecar with `args` (plus test ports and JSON logs); `dir` lives as long as it.
