@@ -19,6 +19,12 @@ const INLINE_TEXT_BYTES: usize = 32 * 1024;
 const IMAGE_TOKENS: u64 = 765;
 /// Each chat message costs a few tokens of framing beyond its text.
 const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
+/// Runs of non-whitespace longer than this (base64 blobs, minified data, one character
+/// repeated) are estimated instead of tokenized: BPE's cost grows with the square of a
+/// piece's length, so one such run could hold a worker for seconds.
+const LONG_RUN_BYTES: usize = 256;
+/// Such runs tokenize worse than prose; three bytes a token errs on the side of reserving more.
+const LONG_RUN_BYTES_PER_TOKEN: u64 = 3;
 
 static O200K_READY: AtomicBool = AtomicBool::new(false);
 static CL100K_READY: AtomicBool = AtomicBool::new(false);
@@ -176,13 +182,35 @@ impl Prompt {
             return self.fixed_tokens + estimate_bytes(self.text.len());
         };
         if self.text.len() <= INLINE_TEXT_BYTES {
-            return self.fixed_tokens + bpe.encode_ordinary(&self.text).len() as u64;
+            return self.fixed_tokens + count_bounded(bpe, &self.text);
         }
         let text = self.text.clone();
-        let counted =
-            tokio::task::spawn_blocking(move || bpe.encode_ordinary(&text).len() as u64).await;
+        let counted = tokio::task::spawn_blocking(move || count_bounded(bpe, &text)).await;
         self.fixed_tokens + counted.unwrap_or_else(|_| estimate_bytes(self.text.len()))
     }
+}
+
+/// Tokens of `text`, with long runs of non-whitespace estimated so that the work stays
+/// linear in the text's length.
+fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
+    let has_long_run = text
+        .split(|c: char| c.is_whitespace())
+        .any(|run| run.len() > LONG_RUN_BYTES);
+    if !has_long_run {
+        return bpe.encode_ordinary(text).len() as u64;
+    }
+    let mut kept = String::with_capacity(text.len().min(64 * 1024));
+    let mut estimated = 0;
+    for piece in text.split_inclusive(|c: char| c.is_whitespace()) {
+        let run = piece.trim_end_matches(|c: char| c.is_whitespace());
+        if run.len() > LONG_RUN_BYTES {
+            estimated += (run.len() as u64).div_ceil(LONG_RUN_BYTES_PER_TOKEN);
+            kept.push_str(&piece[run.len()..]);
+        } else {
+            kept.push_str(piece);
+        }
+    }
+    estimated + bpe.encode_ordinary(&kept).len() as u64
 }
 
 /// Four bytes a token: OpenAI's own rule of thumb for English text.
@@ -231,6 +259,19 @@ mod tests {
         // cl100k: "You are a helpful assistant.\nhello world\n" is 9 tokens.
         let counted = prompt.count(Encoding::Cl100k).await;
         assert_eq!(counted, 9 + 2 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
+    }
+
+    #[test]
+    fn long_runs_are_estimated_and_the_rest_counted() {
+        wait_until_ready(Encoding::Cl100k);
+        let bpe = Encoding::Cl100k.loaded_bpe().unwrap();
+        let prose = "You are a helpful assistant.\nhello world\n";
+        assert_eq!(count_bounded(bpe, prose), 9);
+        // A 300 KB run of one character: tokenized whole, it would take BPE minutes.
+        let blob = "x".repeat(300_000);
+        let text = format!("{prose}{blob} end");
+        let rest = bpe.encode_ordinary(&format!("{prose} end")).len() as u64;
+        assert_eq!(count_bounded(bpe, &text), 100_000 + rest);
     }
 
     #[tokio::test]
