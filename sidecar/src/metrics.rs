@@ -57,6 +57,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     rate_limited: IntCounterVec,
     breaker_open: IntGaugeVec,
+    credential: IntGaugeVec,
     reloads: IntCounterVec,
     reload_ok: IntGauge,
     models: Mutex<HashSet<String>>,
@@ -165,6 +166,13 @@ impl Metrics {
             ),
             &["endpoint"],
         )?;
+        let credential = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_endpoint_credential_info",
+                "The key each endpoint uses, by fingerprint (never the key): 1 while loaded, 0 with fingerprint=\"\" while the key file is missing or unusable. Endpoints without a key (mock) are absent.",
+            ),
+            &["endpoint", "fingerprint"],
+        )?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "llmesh_config_reloads_total",
@@ -199,6 +207,7 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(breaker_open.clone()))?;
+        registry.register(Box::new(credential.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(reload_ok.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -217,6 +226,7 @@ impl Metrics {
             retries,
             rate_limited,
             breaker_open,
+            credential,
             reloads,
             reload_ok,
             models: Mutex::new(HashSet::new()),
@@ -310,14 +320,28 @@ impl Metrics {
         self.reload_ok.set(i64::from(ok));
     }
 
-    /// The exposition text. State that lives elsewhere (breakers) is read now, so the data
-    /// path pays nothing for it.
+    /// The exposition text. State that lives elsewhere (breakers, credentials) is read now,
+    /// so the data path pays nothing for it.
     pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
         self.breaker_open.reset();
+        self.credential.reset();
         for endpoint in &snapshot.endpoints {
             self.breaker_open
                 .with_label_values(&[endpoint.name()])
                 .set(i64::from(endpoint.resilience.breaker.is_open()));
+            // A rotation shows as the fingerprint label changing, so it can be checked (and
+            // alerted on) from Prometheus, as from `/readyz`.
+            match (endpoint.credential(), endpoint.unavailable_reason()) {
+                (Some(key), _) => self
+                    .credential
+                    .with_label_values(&[endpoint.name(), key.fingerprint()])
+                    .set(1),
+                (None, Some(_)) => self
+                    .credential
+                    .with_label_values(&[endpoint.name(), ""])
+                    .set(0),
+                (None, None) => {}
+            }
         }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding well-formed metrics into a Vec cannot fail.

@@ -80,20 +80,24 @@ fn promtool_accepts_the_rules() {
 
 #[tokio::test]
 async fn the_rules_and_dashboard_query_only_metrics_that_exist() {
-    // Exercise the sidecar so that every family has a series: a priced success, a stream,
-    // a retry and a refusal by a limit.
+    // Exercise the sidecar so that every family has a series: a keyed endpoint, a priced
+    // success, a stream, a retry and a refusal by a limit.
     let upstream = FakeUpstream::start().await.unwrap();
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), "sk-dashboards").unwrap();
     let sidecar = Sidecar::start(&format!(
         "endpoints:
   - name: chat
     provider: openai-compatible
     baseUrl: {base}
     model: upstream-model
+    credential: {{file: {key}}}
     retry: {{maxAttempts: 2, backoffBase: 10ms, backoffMax: 10ms}}
     price: {{inputPerMillionTokens: 1, outputPerMillionTokens: 2}}
     limits: {{requestsPerMinute: 3, queueTimeout: 0ms}}
 ",
-        base = upstream.base_url()
+        base = upstream.base_url(),
+        key = key.path().display()
     ));
     let chat =
         json!({"model": "chat", "stream": true, "messages": [{"role": "user", "content": "hi"}]});

@@ -54,6 +54,22 @@ async fn readiness(sidecar: &Sidecar) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+/// The `llmesh_endpoint_credential_info` lines of a scrape, without the HELP and TYPE lines.
+async fn credential_series(sidecar: &Sidecar) -> Vec<String> {
+    let text = client()
+        .get(sidecar.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("llmesh_endpoint_credential_info{"))
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_changed_config_is_used_and_a_broken_one_is_rejected() {
     let upstream = FakeUpstream::start().await.unwrap();
@@ -187,6 +203,16 @@ async fn kubelet_style_swaps_of_config_and_secret_are_picked_up() {
             .unwrap(),
         first_fingerprint
     );
+    let second_fingerprint = ready["endpoints"][0]["credentialFingerprint"]
+        .as_str()
+        .unwrap();
+    // Prometheus sees the rotation too: one series, with the new fingerprint.
+    assert_eq!(
+        credential_series(&sidecar).await,
+        [format!(
+            "llmesh_endpoint_credential_info{{endpoint=\"chat\",fingerprint=\"{second_fingerprint}\"}} 1"
+        )]
+    );
     assert!(sidecar.wait_for_log("credential loaded", RELOAD_WAIT).await);
 
     config.update(&[("endpoint.yaml", &endpoint_yaml(&upstream, "model-b", &key))]);
@@ -232,6 +258,10 @@ async fn a_missing_key_makes_the_endpoint_unready_until_it_appears() {
     assert!(
         upstream.requests().is_empty(),
         "no request went out without its key"
+    );
+    assert_eq!(
+        credential_series(&sidecar).await,
+        ["llmesh_endpoint_credential_info{endpoint=\"chat\",fingerprint=\"\"} 0"]
     );
 
     std::fs::write(&key, "sk-arrived").unwrap();
