@@ -476,3 +476,46 @@ async fn traceparent_reaches_the_upstream_under_a_new_span_and_logs_carry_it() {
         .iter()
         .any(|e| e["trace_id"] == "0af7651916cd43dd8448eb211c80319c"));
 }
+
+#[tokio::test]
+async fn lines_logged_during_a_request_carry_its_trace_and_request_ids() {
+    let upstream = FakeUpstream::start().await.unwrap();
+    let sidecar = Sidecar::start(&format!(
+        "endpoints:
+  - name: chat
+    provider: openai-compatible
+    baseUrl: {}
+    model: upstream-model
+    retry: {{maxAttempts: 1}}
+    circuitBreaker: {{consecutiveFailures: 1, cooldown: 30s}}
+",
+        upstream.base_url()
+    ));
+    // The failure opens the breaker, which logs while the request is being served.
+    let r = post(
+        &sidecar,
+        chat("chat"),
+        &[
+            (directives::STATUS, "500"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("x-request-id", "opens-the-breaker"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 500);
+    assert!(
+        sidecar
+            .wait_for_log("circuit opened", Duration::from_secs(5))
+            .await
+    );
+    let opened = sidecar.log_events("circuit opened: endpoint ejected");
+    let request_span = &opened[0]["spans"][0];
+    assert_eq!(
+        request_span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{opened:?}"
+    );
+    assert_eq!(request_span["request_id"], "opens-the-breaker");
+}

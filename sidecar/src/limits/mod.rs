@@ -14,13 +14,20 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{LimitScope, LimitsConfig, RedisFailurePolicy};
 use bucket::Bucket;
 use global::{Dim, SharedBudget};
+
+// Built once: a name given as a string is parsed again on every lookup, and every response
+// is looked at.
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 /// Give back leased units not used for this long, so that other sidecars may use them.
 const LEASE_IDLE_RETURN: Duration = Duration::from_secs(2);
@@ -576,26 +583,22 @@ impl Limiter {
     /// down before the provider starts refusing.
     pub fn observe_upstream(&self, headers: &HeaderMap) {
         let now = Instant::now();
-        let read = |kind: &str| -> Option<Allowance> {
+        let read = |remaining: &HeaderName, reset: &HeaderName| -> Option<Allowance> {
             let remaining = headers
-                .get(format!("x-ratelimit-remaining-{kind}"))?
+                .get(remaining)?
                 .to_str()
                 .ok()?
                 .trim()
                 .parse::<f64>()
                 .ok()?;
-            let reset = headers
-                .get(format!("x-ratelimit-reset-{kind}"))?
-                .to_str()
-                .ok()
-                .and_then(parse_reset)?;
+            let reset = headers.get(reset)?.to_str().ok().and_then(parse_reset)?;
             Some(Allowance {
                 remaining,
                 reset_at: now + reset,
             })
         };
-        let requests = read("requests");
-        let tokens = read("tokens");
+        let requests = read(&REMAINING_REQUESTS, &RESET_REQUESTS);
+        let tokens = read(&REMAINING_TOKENS, &RESET_TOKENS);
         if requests.is_none() && tokens.is_none() {
             return;
         }

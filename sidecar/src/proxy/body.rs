@@ -38,8 +38,10 @@ pub struct ResponseBody {
     kind: BodyKind,
     log: RequestLog,
     accounting: Option<Accounting>,
-    /// The request's span, entered while the body is polled so that what is logged there
-    /// carries the request and trace ids.
+    /// The request's span, entered while the admission is settled so that what is logged
+    /// there carries the request and trace ids. The request line itself is written outside
+    /// it: it has both ids as fields, and formatting the span into it again cost more than
+    /// the rest of the line.
     span: tracing::Span,
 }
 
@@ -68,8 +70,10 @@ impl ResponseBody {
     }
 
     /// Settles the admission and records the request; only the first call does anything.
-    fn finish(log: &mut RequestLog, accounting: &mut Option<Accounting>, outcome: Outcome) {
-        if let Some(accounting) = accounting.take() {
+    fn finish(&mut self, outcome: Outcome) {
+        let log = &mut self.log;
+        if let Some(accounting) = self.accounting.take() {
+            let _entered = self.span.enter();
             let usage = accounting.tap.usage();
             let chunks = accounting.tap.streamed_chunks();
             let prompt_estimate = accounting.permit.as_ref().map(|p| p.prompt_tokens());
@@ -102,12 +106,7 @@ impl ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Dropped before its end: hyper gave up on the connection, i.e. the app went away.
-        let _entered = self.span.enter();
-        Self::finish(
-            &mut self.log,
-            &mut self.accounting,
-            Outcome::ClientDisconnected,
-        );
+        self.finish(Outcome::ClientDisconnected);
     }
 }
 
@@ -120,7 +119,6 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let _entered = this.span.enter();
         let polled = match &mut this.kind {
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
@@ -147,7 +145,7 @@ impl Body for ResponseBody {
         };
         if ended {
             let outcome = this.ended_outcome();
-            Self::finish(&mut this.log, &mut this.accounting, outcome);
+            this.finish(outcome);
         }
         polled
     }

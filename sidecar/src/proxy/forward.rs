@@ -16,7 +16,7 @@ use crate::upstream_client::{self, UpstreamRequestBody};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// names under which apps and SDKs send keys: an app's own key never reaches a provider.
-const DROPPED_REQUEST_HEADERS: &[HeaderName] = &[
+static DROPPED_REQUEST_HEADERS: [HeaderName; 14] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -29,17 +29,21 @@ const DROPPED_REQUEST_HEADERS: &[HeaderName] = &[
     // Providers' compressed answers would hide `usage` from the sidecar; on loopback to the
     // app compression only costs CPU.
     header::ACCEPT_ENCODING,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
 ];
-const DROPPED_REQUEST_HEADERS_BY_NAME: &[&str] =
-    &["keep-alive", "proxy-connection", "api-key", "x-api-key"];
 
-const DROPPED_RESPONSE_HEADERS: &[HeaderName] = &[
+static DROPPED_RESPONSE_HEADERS: [HeaderName; 7] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
+    // Built once: a name given as a string is parsed again on every lookup.
+    HeaderName::from_static("keep-alive"),
 ];
 
 pub struct UpstreamCall<'a> {
@@ -128,7 +132,6 @@ fn upstream_request_headers(app: &HeaderMap) -> HeaderMap {
     for (name, value) in app {
         let name_str = name.as_str();
         let dropped = DROPPED_REQUEST_HEADERS.contains(name)
-            || DROPPED_REQUEST_HEADERS_BY_NAME.contains(&name_str)
             || name_str.starts_with("x-llmesh-")
             || connection_listed.iter().any(|c| c == name_str);
         if !dropped {
@@ -139,10 +142,9 @@ fn upstream_request_headers(app: &HeaderMap) -> HeaderMap {
 }
 
 fn strip_response_headers(headers: &mut HeaderMap) {
-    for name in DROPPED_RESPONSE_HEADERS {
+    for name in &DROPPED_RESPONSE_HEADERS {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
 }
 
 fn classify_send_error(
