@@ -63,14 +63,17 @@ def proc_tree(pid):
 
 
 def cpu_seconds(pid):
-    total = 0
+    """User and system CPU seconds of a process tree. User time is the proxy's own code; system
+    time is mostly loopback TCP, which every proxy pays alike."""
+    user = system = 0
     for p in proc_tree(pid):
         try:
             fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            user += int(fields[11])
+            system += int(fields[12])
         except (OSError, IndexError):
             pass
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def memory_kb(pid, field):
@@ -168,7 +171,7 @@ def redis_lease_calls(port):
     return calls
 
 
-def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_port):
+def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_port, binary=None):
     key = tmp / "key"
     key.write_text(KEY)
     config = tmp / f"{name}.yaml"
@@ -186,7 +189,7 @@ def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_po
     log = open(tmp / f"{name}.log", "w")
     proc = subprocess.Popen(
         [
-            str(RELEASE / "llmesh-sidecar"),
+            str(binary or RELEASE / "llmesh-sidecar"),
             "--config", str(config),
             "--listen", f"127.0.0.1:{port}",
             "--admin-listen", f"127.0.0.1:{admin_port}",
@@ -286,8 +289,14 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--proxies", default=",".join([*SIDECARS, "nginx"]),
                         help=f"which of {', '.join([*SIDECARS, 'nginx'])} to run")
+    parser.add_argument("--baseline", metavar="BINARY",
+                        help="another llmesh-sidecar build (say, of an older commit) to run side by side as "
+                             "llmesh-baseline, with the endpoint alone: no retry, breaker or limits blocks, "
+                             "so that builds which predate them accept the config")
     args = parser.parse_args()
     proxies = args.proxies.split(",")
+    if args.baseline:
+        proxies.append("llmesh-baseline")
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
     body_file = tmp / "body.json"
@@ -309,6 +318,8 @@ def main():
             port = free_port()
             if name == "nginx":
                 proc = start_nginx(tmp, up_port, port)
+            elif name == "llmesh-baseline":
+                proc = start_sidecar(tmp, name, "", [], up_port, port, free_port(), binary=args.baseline)
             else:
                 settings, extra_args = SIDECARS[name]
                 if "REDIS_PORT" in settings:
@@ -331,7 +342,7 @@ def main():
             order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
             for rate in rates:
                 for t in order:
-                    cpu0 = cpu_seconds(t.pid) if t.pid else 0
+                    cpu0 = cpu_seconds(t.pid) if t.pid else (0, 0)
                     leases0 = redis_lease_calls(redis_port) if t.name == "llmesh-redis" else 0
                     scraper = Scraper(metrics_url) if t.name == "llmesh" and metrics_url else None
                     raw = run_oha(args.oha, t.url, body_file, args.seconds, args.connections, rate)
@@ -339,7 +350,11 @@ def main():
                         scrape_ms.setdefault(str(rate), []).extend(scraper.stop())
                     s = summarize_oha(raw)
                     if t.pid:
-                        s["cpu_s_per_10k"] = (cpu_seconds(t.pid) - cpu0) / max(s["requests"], 1) * 10_000
+                        user, system = cpu_seconds(t.pid)
+                        per_10k = 10_000 / max(s["requests"], 1)
+                        s["user_cpu_s_per_10k"] = (user - cpu0[0]) * per_10k
+                        s["system_cpu_s_per_10k"] = (system - cpu0[1]) * per_10k
+                        s["cpu_s_per_10k"] = s["user_cpu_s_per_10k"] + s["system_cpu_s_per_10k"]
                     if t.name == "llmesh-redis":
                         s["redis_calls_per_10k"] = (redis_lease_calls(redis_port) - leases0) / max(s["requests"], 1) * 10_000
                     results["rates"].setdefault(str(rate), {}).setdefault(t.name, []).append(s)
@@ -391,6 +406,7 @@ def build_report(results, proxies, idle_rss, peak_rss, load_before, load_after, 
                 "added_p99_ms": statistics.median(r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct)),
                 "rps": med(runs, "rps"),
                 "cpu_s_per_10k": med(runs, "cpu_s_per_10k"),
+                "user_cpu_s_per_10k": med(runs, "user_cpu_s_per_10k"),
                 "non_2xx_or_errors": sum(r["requests"] - r["ok"] + r["errors"] for r in runs),
             }
             if "redis_calls_per_10k" in runs[0]:
@@ -416,17 +432,17 @@ def render(report):
     m = report["memory_kb"]
     lines.append(f"load average before {report['machine']['loadavg_before']}, after {report['machine']['loadavg_after']}")
     lines.append("")
-    lines.append("| rate | proxy | added p50 (ms) | added p99 (ms) | throughput (req/s) | CPU s / 10k req | failed |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| rate | proxy | added p50 (ms) | added p99 (ms) | throughput (req/s) | CPU s / 10k req | of which user | failed |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for rate, row in report["rates"].items():
         label = "unlimited" if rate == "0" else f"{rate}/s"
         d = row["direct"]
-        lines.append(f"| {label} | direct | p50 {d['p50_ms']:.3f} | p99 {d['p99_ms']:.3f} | {d['rps']:.0f} | | |")
+        lines.append(f"| {label} | direct | p50 {d['p50_ms']:.3f} | p99 {d['p99_ms']:.3f} | {d['rps']:.0f} | | | |")
         for name in report["proxies"]:
             r = row[name]
             lines.append(
                 f"| {label} | {name} | {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['rps']:.0f} "
-                f"| {r['cpu_s_per_10k']:.3f} | {r['non_2xx_or_errors']} |"
+                f"| {r['cpu_s_per_10k']:.3f} | {r['user_cpu_s_per_10k']:.3f} | {r['non_2xx_or_errors']} |"
             )
     for rate, s in report.get("metrics_scrape_ms", {}).items():
         label = "unlimited" if rate == "0" else f"{rate}/s"
