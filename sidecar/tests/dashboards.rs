@@ -123,14 +123,7 @@ async fn the_rules_and_dashboard_query_only_metrics_that_exist() {
     let mut exported = BTreeSet::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
-        let text = client()
-            .get(sidecar.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = sidecar.metrics_text().await;
         exported = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -56,14 +56,7 @@ async fn readiness(sidecar: &Sidecar) -> (u16, Value) {
 
 /// The `llmesh_endpoint_credential_info` lines of a scrape, without the HELP and TYPE lines.
 async fn credential_series(sidecar: &Sidecar) -> Vec<String> {
-    let text = client()
-        .get(sidecar.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.metrics_text().await;
     text.lines()
         .filter(|l| l.starts_with("llmesh_endpoint_credential_info{"))
         .map(str::to_string)

@@ -103,6 +103,18 @@ impl Sidecar {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The exposition text of the admin listener's `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("read /metrics")
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().expect("log lock").join("\n")
     }
