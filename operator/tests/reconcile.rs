@@ -319,7 +319,9 @@ async fn deleting_the_endpoint_removes_what_it_owned() {
         .await
         .unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.ns);
-    let gone = eventually(Duration::from_secs(30), || async {
+    // The garbage collector learns of a new CRD on its discovery resync, every 30 s, and
+    // only then watches LlmEndpoints; on a loaded 2-core machine the whole can take longer.
+    let gone = eventually(Duration::from_secs(90), || async {
         let cm = cms.get_opt("llmesh-chat").await.ok()?;
         let secret = copied_key(&s.client, &s.ns, "chat").await;
         (cm.is_none() && secret.is_none()).then_some(())
