@@ -17,6 +17,10 @@ struct Redis {
 
 impl Redis {
     fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra_args: &[&str]) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -28,6 +32,7 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -41,12 +46,7 @@ impl Redis {
     }
 
     fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Redis::start_on(port)
+        Redis::start_with(free_port(), &[])
     }
 
     fn stop(&mut self) {
@@ -59,6 +59,14 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn shared_sidecar(redis_port: u16, limits: &str, policy: &str) -> Sidecar {
@@ -219,4 +227,67 @@ async fn redis_going_away_follows_the_policy_and_coming_back_resumes_sharing() {
         .await
         .unwrap();
     assert!(level.is_some(), "no shared bucket in Redis after recovery");
+}
+
+#[tokio::test]
+async fn the_redis_password_comes_from_a_file_and_a_rotated_one_is_used_on_reconnect() {
+    const PASSWORD: &str = "redis-pw-7c1e5b";
+    let redis = Redis::start_with(free_port(), &["--requirepass", PASSWORD]);
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("redisPassword");
+    std::fs::write(&password_file, "not-the-password\n").unwrap();
+    let sidecar = Sidecar::start(&format!(
+        "endpoints:
+  - name: chat
+    provider: mock
+    model: mock-model
+    limits:
+      requestsPerMinute: 600
+      scope: global
+      redis:
+        url: 'redis://127.0.0.1:{}'
+        passwordFile: {}
+        onUnavailable: failClosed
+",
+        redis.port,
+        password_file.display()
+    ));
+
+    // A wrong password is Redis refusing us: the policy applies, and the log says why
+    // without the password.
+    let (ok, _, other) = load(&sidecar, 3, 1).await;
+    assert_eq!((ok, other.clone()), (0, vec![503, 503, 503]));
+    assert!(
+        sidecar
+            .wait_for_log("Redis is unreachable", Duration::from_secs(5))
+            .await
+    );
+
+    // The Secret is rotated to the right password (with kubelet's trailing newline): the
+    // next reconnect reads it and shared limiting starts.
+    common::replace_file(&password_file, &format!("{PASSWORD}\n"));
+    let recovered = eventually(Duration::from_secs(10), || async {
+        let (ok, _, _) = load(&sidecar, 2, 1).await;
+        ok == 2
+    })
+    .await;
+    assert!(recovered, "{}", sidecar.logs());
+    let mut connection =
+        redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+    let level: Option<String> = redis::cmd("HGET")
+        .arg("llmesh:chat:requests")
+        .arg("level")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(level.is_some(), "no shared bucket in Redis");
+    let logs = sidecar.logs();
+    assert!(logs.contains("Redis is reachable again"));
+    assert!(!logs.contains(PASSWORD) && !logs.contains("not-the-password"));
+    let metrics = sidecar.metrics_text().await;
+    assert!(!metrics.contains(PASSWORD));
 }

@@ -4,6 +4,8 @@
 //! tier: few attempts, a retry budget so that an outage cannot multiply load, and waits that
 //! honour the provider's `Retry-After`.
 
+use std::path::PathBuf;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -208,8 +210,14 @@ pub enum LimitScope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://HOST:PORT[/DB]`.
+    /// `redis://[USER@]HOST:PORT[/DB]`. A password may be written in the URL too, but then
+    /// it sits in plain config: prefer `passwordFile`.
     pub url: String,
+    /// A file holding the Redis password (a mounted Secret key), so that the password is in
+    /// neither the config nor the URL. It is read at each connect, so a rotated password is
+    /// used from the next reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// What to do while Redis cannot be reached. `failOpen`: keep serving under a local share
     /// of each limit (the limit divided by the sidecars last seen). `failClosed`: refuse
     /// requests with a 503.

@@ -266,13 +266,24 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
         ),
         (LimitScope::Global, Some(redis)) => {
             // The URL is not echoed: it may carry a password.
-            if !redis.url.starts_with("redis://")
-                || redis::Client::open(redis.url.as_str()).is_err()
-            {
-                c.fail(
+            let parsed = redis
+                .url
+                .starts_with("redis://")
+                .then(|| redis::IntoConnectionInfo::into_connection_info(redis.url.as_str()).ok());
+            match (parsed.flatten(), &redis.password_file) {
+                (None, _) => c.fail(
                     format!("{at}.limits.redis.url"),
-                    "must look like redis://[:PASSWORD@]HOST:PORT[/DB]",
-                );
+                    "must look like redis://[USER@]HOST:PORT[/DB]",
+                ),
+                (Some(info), Some(_)) if info.redis_settings().password().is_some() => c.fail(
+                    format!("{at}.limits.redis.passwordFile"),
+                    "the URL holds a password too; keep it in one place, the file",
+                ),
+                (Some(_), Some(file)) if file.as_os_str().is_empty() => c.fail(
+                    format!("{at}.limits.redis.passwordFile"),
+                    "must not be empty",
+                ),
+                (Some(_), _) => {}
             }
             if redis.timeout.is_zero() {
                 c.fail(
@@ -549,7 +560,7 @@ mod tests {
                 "endpoints[0].circuitBreaker.cooldown: must be greater than 0 while the breaker is on",
                 "endpoints[0].limits.requestsPerMinute: must be at least 1; leave it out for no limit",
                 "endpoints[0].limits.redis: is required when limits.scope is global",
-                "endpoints[1].limits.redis.url: must look like redis://[:PASSWORD@]HOST:PORT[/DB]",
+                "endpoints[1].limits.redis.url: must look like redis://[USER@]HOST:PORT[/DB]",
                 "endpoints[1].limits.scope: global scope needs requestsPerMinute, tokensPerMinute or maxConcurrent",
             ]
         );
@@ -557,5 +568,33 @@ mod tests {
             !errs.concat().contains("s3cret"),
             "a Redis password is not echoed"
         );
+    }
+
+    #[test]
+    fn a_redis_password_lives_in_one_place() {
+        let errs = errors(
+            "endpoints:
+              - name: a
+                provider: mock
+                model: m
+                limits:
+                  requestsPerMinute: 60
+                  scope: global
+                  redis: {url: 'redis://:s3cret@127.0.0.1:6379', passwordFile: /p}
+              - name: b
+                provider: mock
+                model: m
+                limits:
+                  requestsPerMinute: 60
+                  scope: global
+                  redis: {url: 'redis://limits@127.0.0.1:6379/2', passwordFile: /p}",
+        );
+        assert_eq!(
+            errs,
+            vec![
+                "endpoints[0].limits.redis.passwordFile: the URL holds a password too; keep it in one place, the file"
+            ]
+        );
+        assert!(!errs.concat().contains("s3cret"));
     }
 }

@@ -7,12 +7,13 @@
 //! together cannot admit more than the bucket holds; the only overshoot is tokens a response
 //! used beyond its reservation, which are charged after the fact (see `docs/resilience.md`).
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Script};
+use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, Script};
 use tokio::time::Instant;
 
 use crate::config::{RedisConfig, RedisFailurePolicy};
@@ -84,6 +85,9 @@ pub struct Grant {
 pub enum SharedLimitError {
     #[error("cannot connect to Redis: {0}")]
     Connect(String),
+    /// Names the file, never its content.
+    #[error("Redis password file {path} cannot be read: {reason}")]
+    PasswordFile { path: PathBuf, reason: String },
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Redis call failed: {0}")]
@@ -94,7 +98,7 @@ pub enum SharedLimitError {
 pub struct SharedBudget {
     endpoint: String,
     config: RedisConfig,
-    client: Option<redis::Client>,
+    connection_info: Option<ConnectionInfo>,
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     script: Script,
     key_prefix: String,
@@ -108,11 +112,11 @@ impl SharedBudget {
     pub fn new(endpoint: &str, config: &RedisConfig) -> Self {
         // The URL was validated at load; a client that still cannot be built stays
         // "unavailable" and the endpoint follows its failure policy, like a Redis that is down.
-        let client = redis::Client::open(config.url.as_str()).ok();
+        let connection_info = config.url.as_str().into_connection_info().ok();
         Self {
             endpoint: endpoint.to_string(),
             config: config.clone(),
-            client,
+            connection_info,
             connection: tokio::sync::Mutex::new(None),
             script: Script::new(LEASE_SCRIPT),
             key_prefix: format!("{}:{endpoint}", config.key_prefix),
@@ -209,10 +213,17 @@ impl SharedBudget {
         if let Some(connection) = guard.as_ref() {
             return Ok(connection.clone());
         }
-        let client = self
-            .client
-            .as_ref()
+        let mut info = self
+            .connection_info
+            .clone()
             .ok_or_else(|| SharedLimitError::Connect("invalid Redis URL".to_string()))?;
+        if let Some(path) = &self.config.password_file {
+            let password = read_password(path)?;
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client =
+            redis::Client::open(info).map_err(|e| SharedLimitError::Connect(e.to_string()))?;
         let timeout = self.config.timeout.get();
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -245,4 +256,20 @@ impl SharedBudget {
             tracing::warn!(endpoint = %self.endpoint, %error, peers = self.peers(), policy, "Redis is unreachable");
         }
     }
+}
+
+/// Read at each connect rather than once, so that a rotated Secret is picked up by the next
+/// reconnect without a restart.
+fn read_password(path: &Path) -> Result<String, SharedLimitError> {
+    let unreadable = |reason: String| SharedLimitError::PasswordFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| unreadable(e.kind().to_string()))?;
+    let password =
+        std::str::from_utf8(bytes.trim_ascii()).map_err(|_| unreadable("not UTF-8".to_string()))?;
+    if password.is_empty() {
+        return Err(unreadable("empty".to_string()));
+    }
+    Ok(password.to_string())
 }
