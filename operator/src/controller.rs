@@ -18,9 +18,9 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::crd::{LlmEndpoint, LlmEndpointStatus, SecretKeyRef};
+use crate::crd::{LlmEndpoint, LlmEndpointStatus};
 use crate::metrics::Metrics;
-use crate::render::{render, Rendering, CONFIG_FILE, CREDENTIAL_KEY};
+use crate::render::{render, CopiedKey, Rendering, CONFIG_FILE};
 
 pub const FIELD_MANAGER: &str = "llmesh-operator";
 /// The namespace label that selects the environment an LlmEndpoint is rendered for.
@@ -127,7 +127,8 @@ fn endpoints_using_secret(
         .filter(|e| {
             std::iter::once(&e.spec.base)
                 .chain(e.spec.environments.values())
-                .any(|s| s.secret_ref.as_ref().is_some_and(|r| r.name == name))
+                .flat_map(|s| [&s.secret_ref, &s.redis_password_secret_ref])
+                .any(|r| r.as_ref().is_some_and(|r| r.name == name))
         })
         .map(|e| ObjectRef::from_obj(e.as_ref()))
         .collect()
@@ -166,10 +167,12 @@ async fn reconcile_measured(
     result
 }
 
-/// The outcome of looking up the endpoint's key.
+/// The outcome of looking up the Secret keys the endpoint needs (the provider key, the
+/// Redis password of shared limits).
 enum Credentials {
     NotNeeded,
-    Resolved(ByteString),
+    /// The content of Secret `llmesh-<name>`.
+    Resolved(BTreeMap<String, ByteString>),
     Unresolved {
         reason: &'static str,
         message: String,
@@ -226,7 +229,7 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
     };
 
     apply_config_map(&ctx, &endpoint, &namespace, &rendering).await?;
-    let credentials = resolve_credentials(&ctx, &namespace, rendering.secret.as_ref()).await?;
+    let credentials = resolve_credentials(&ctx, &namespace, &rendering.secrets).await?;
     let (credentials_condition, ready, requeue) = match &credentials {
         Credentials::NotNeeded => {
             delete_copied_secret(&ctx, &namespace, &name).await?;
@@ -242,19 +245,20 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
                 None,
             )
         }
-        Credentials::Resolved(key) => {
-            apply_secret(&ctx, &endpoint, &namespace, &rendering, key).await?;
-            let source = rendering
-                .secret
-                .as_ref()
-                .map(|r| format!("{}/{}", r.name, r.key))
-                .unwrap_or_default();
+        Credentials::Resolved(data) => {
+            apply_secret(&ctx, &endpoint, &namespace, &rendering, data).await?;
+            let sources = rendering
+                .secrets
+                .iter()
+                .map(|c| format!("{}/{}", c.source.name, c.source.key))
+                .collect::<Vec<_>>()
+                .join(", ");
             (
                 condition(
                     "CredentialsResolved",
                     true,
                     "SecretFound",
-                    &format!("copied key {source}"),
+                    &format!("copied {sources}"),
                     generation,
                 ),
                 true,
@@ -283,7 +287,7 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
             "Ready",
             false,
             "CredentialsUnresolved",
-            "the provider key is not available",
+            "a Secret key it needs is not available",
             generation,
         )
     };
@@ -422,28 +426,36 @@ where
 async fn resolve_credentials(
     ctx: &Context,
     namespace: &str,
-    source: Option<&SecretKeyRef>,
+    wanted: &[CopiedKey],
 ) -> Result<Credentials, Error> {
-    let Some(source) = source else {
+    if wanted.is_empty() {
         return Ok(Credentials::NotNeeded);
-    };
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(secret) = api.get_opt(&source.name).await? else {
-        return Ok(Credentials::Unresolved {
-            reason: "SecretNotFound",
-            message: format!("Secret {namespace}/{} does not exist", source.name),
-        });
-    };
-    match secret.data.as_ref().and_then(|d| d.get(&source.key)) {
-        Some(value) if !value.0.is_empty() => Ok(Credentials::Resolved(value.clone())),
-        _ => Ok(Credentials::Unresolved {
-            reason: "KeyNotFound",
-            message: format!(
-                "Secret {namespace}/{} has no key {:?}",
-                source.name, source.key
-            ),
-        }),
     }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut data = BTreeMap::new();
+    for CopiedKey { key, source } in wanted {
+        let Some(secret) = api.get_opt(&source.name).await? else {
+            return Ok(Credentials::Unresolved {
+                reason: "SecretNotFound",
+                message: format!("Secret {namespace}/{} does not exist", source.name),
+            });
+        };
+        match secret.data.as_ref().and_then(|d| d.get(&source.key)) {
+            Some(value) if !value.0.is_empty() => {
+                data.insert(key.to_string(), value.clone());
+            }
+            _ => {
+                return Ok(Credentials::Unresolved {
+                    reason: "KeyNotFound",
+                    message: format!(
+                        "Secret {namespace}/{} has no key {:?}",
+                        source.name, source.key
+                    ),
+                })
+            }
+        }
+    }
+    Ok(Credentials::Resolved(data))
 }
 
 async fn apply_secret(
@@ -451,11 +463,11 @@ async fn apply_secret(
     endpoint: &LlmEndpoint,
     namespace: &str,
     rendering: &Rendering,
-    key: &ByteString,
+    data: &BTreeMap<String, ByteString>,
 ) -> Result<(), Error> {
     let desired = Secret {
         metadata: owned_meta(endpoint, namespace, rendering),
-        data: Some(BTreeMap::from([(CREDENTIAL_KEY.to_string(), key.clone())])),
+        data: Some(data.clone()),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };

@@ -124,7 +124,17 @@ pub struct EndpointSettings {
     pub circuit_breaker: Option<Partial<CircuitBreakerConfig>>,
     /// Request, token and concurrency limits, per sidecar or shared through Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // The sidecar's own field; here the operator sets it from `redisPasswordSecretRef`.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.redis) || !has(self.redis.passwordFile)",
+        "message": "limits.redis.passwordFile is set by the operator; give the password as redisPasswordSecretRef"
+    }]))]
     pub limits: Option<Partial<LimitsConfig>>,
+    /// The password of `limits.redis`: one key of a Secret in this namespace, copied beside
+    /// the provider key, so that it is in neither the URL nor the ConfigMap. Ignored unless
+    /// `limits.scope` is `global`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_password_secret_ref: Option<SecretKeyRef>,
     /// The model's price, for the sidecar's cost metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceConfig>,

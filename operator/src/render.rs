@@ -1,12 +1,12 @@
 //! From an LlmEndpoint and an environment to exactly what the sidecar reads: one endpoint
 //! file (the sidecar's own `EndpointConfig`, validated by the sidecar's own rules) and the
-//! one Secret key to copy beside it. Pure: no API calls, so every rule is unit-tested.
+//! the Secret keys to copy beside it. Pure: no API calls, so every rule is unit-tested.
 
 use std::path::PathBuf;
 
 use llmesh_sidecar::config::{
-    config_hash, validate, CredentialConfig, EndpointConfig, ProviderKind, SidecarConfig, Timeouts,
-    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    config_hash, validate, CredentialConfig, EndpointConfig, LimitScope, ProviderKind,
+    SidecarConfig, Timeouts, DEFAULT_MAX_REQUEST_BODY_BYTES,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -17,6 +17,8 @@ use crate::crd::{EndpointSettings, LlmEndpointSpec, Partial, SecretKeyRef, Timeo
 pub const CREDENTIAL_MOUNT_ROOT: &str = "/var/run/secrets/llmesh";
 /// The key under which the provider key is stored in Secret `llmesh-<name>`.
 pub const CREDENTIAL_KEY: &str = "apiKey";
+/// The key under which the Redis password of shared limits is stored in Secret `llmesh-<name>`.
+pub const REDIS_PASSWORD_KEY: &str = "redisPassword";
 /// The key of the rendered endpoint in ConfigMap `llmesh-<name>` (one file per endpoint,
 /// the sidecar's `--config-dir` layout).
 pub const CONFIG_FILE: &str = "endpoint.yaml";
@@ -29,8 +31,17 @@ pub struct Rendering {
     pub yaml: String,
     /// The hash the sidecar reports on `/readyz` once it serves this file.
     pub config_hash: String,
-    /// The source Secret key to copy, when the endpoint needs a key in this environment.
-    pub secret: Option<SecretKeyRef>,
+    /// The source Secret keys to copy into Secret `llmesh-<name>`; empty when this
+    /// environment needs none.
+    pub secrets: Vec<CopiedKey>,
+}
+
+/// One Secret key that the sidecar reads from its mounted copy of Secret `llmesh-<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedKey {
+    /// The key in `llmesh-<name>` ([`CREDENTIAL_KEY`] or [`REDIS_PASSWORD_KEY`]).
+    pub key: &'static str,
+    pub source: SecretKeyRef,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,12 +133,30 @@ pub fn render(
         ProviderKind::Mock => None,
         _ => settings.secret_ref.clone(),
     };
+    let mounted = |key: &str| PathBuf::from(CREDENTIAL_MOUNT_ROOT).join(name).join(key);
     let credential = secret.as_ref().map(|_| CredentialConfig {
-        file: PathBuf::from(CREDENTIAL_MOUNT_ROOT)
-            .join(name)
-            .join(CREDENTIAL_KEY),
+        file: mounted(CREDENTIAL_KEY),
         header: settings.credential_header.clone(),
     });
+    let mut limits =
+        parse_block(settings.limits.as_ref(), "limits", environment)?.unwrap_or_default();
+    let redis_password = match (&mut limits.redis, limits.scope) {
+        (Some(redis), LimitScope::Global) => {
+            if redis.password_file.is_some() {
+                // A path written here would point into a pod the operator does not build.
+                return Err(RenderError::Invalid {
+                    environment: environment.to_string(),
+                    message: "limits.redis.passwordFile: is set by the operator; give the password as redisPasswordSecretRef".to_string(),
+                });
+            }
+            let source = settings.redis_password_secret_ref.clone();
+            if source.is_some() {
+                redis.password_file = Some(mounted(REDIS_PASSWORD_KEY));
+            }
+            source
+        }
+        _ => None,
+    };
     let config = EndpointConfig {
         name: name.to_string(),
         provider,
@@ -152,7 +181,7 @@ pub fn render(
             environment,
         )?
         .unwrap_or_default(),
-        limits: parse_block(settings.limits.as_ref(), "limits", environment)?.unwrap_or_default(),
+        limits,
         price: settings.price,
     };
     validate(&SidecarConfig {
@@ -173,7 +202,17 @@ pub fn render(
         config,
         yaml,
         config_hash,
-        secret,
+        secrets: secret
+            .map(|source| CopiedKey {
+                key: CREDENTIAL_KEY,
+                source,
+            })
+            .into_iter()
+            .chain(redis_password.map(|source| CopiedKey {
+                key: REDIS_PASSWORD_KEY,
+                source,
+            }))
+            .collect(),
     })
 }
 
@@ -221,11 +260,14 @@ environments:
             DEFAULT_MAX_REQUEST_BODY_BYTES
         );
         assert_eq!(
-            r.secret,
-            Some(SecretKeyRef {
-                name: "openai".into(),
-                key: "apiKey".into()
-            })
+            r.secrets,
+            [CopiedKey {
+                key: CREDENTIAL_KEY,
+                source: SecretKeyRef {
+                    name: "openai".into(),
+                    key: "apiKey".into()
+                }
+            }]
         );
         let credential = r.config.credential.unwrap();
         assert_eq!(
@@ -238,7 +280,7 @@ environments:
     fn dev_as_mock_needs_no_key() {
         let r = render("chat", &spec(SPEC), "dev").unwrap();
         assert_eq!(r.config.provider, ProviderKind::Mock);
-        assert_eq!(r.secret, None);
+        assert_eq!(r.secrets, []);
         assert_eq!(r.config.credential, None);
         assert_eq!(
             r.config.mock.unwrap().token_interval,
@@ -260,11 +302,11 @@ environments:
         assert_eq!(r.config.aliases, ["fast"]);
         let prod = render("chat", &spec(SPEC), "prod").unwrap();
         assert_eq!(
-            prod.secret,
-            Some(SecretKeyRef {
+            prod.secrets[0].source,
+            SecretKeyRef {
                 name: "openai-prod".into(),
                 key: "key".into()
-            })
+            }
         );
         assert!(prod.config.default);
     }
@@ -324,6 +366,57 @@ environments:
         )
         .unwrap_err();
         assert!(err.to_string().contains("retry"), "{err}");
+    }
+
+    #[test]
+    fn the_redis_password_is_copied_and_mounted_only_where_limits_are_shared() {
+        let endpoint = spec(
+            "
+provider: openai
+model: gpt-4o
+secretRef: {name: openai, key: apiKey}
+redisPasswordSecretRef: {name: redis, key: password}
+limits:
+  requestsPerMinute: 60
+  scope: global
+  redis: {url: 'redis://redis.llmesh:6379'}
+environments:
+  dev: {provider: mock, limits: {scope: local, redis: null}}
+",
+        );
+        let prod = render("chat", &endpoint, "prod").unwrap();
+        assert_eq!(
+            prod.secrets.iter().map(|c| c.key).collect::<Vec<_>>(),
+            [CREDENTIAL_KEY, REDIS_PASSWORD_KEY]
+        );
+        assert_eq!(prod.secrets[1].source.name, "redis");
+        let redis = prod.config.limits.redis.unwrap();
+        assert_eq!(
+            redis.password_file,
+            Some(PathBuf::from("/var/run/secrets/llmesh/chat/redisPassword"))
+        );
+        assert!(prod
+            .yaml
+            .contains("passwordFile: /var/run/secrets/llmesh/chat/redisPassword"));
+        // Dev spends nothing and shares nothing: no key, no password.
+        let dev = render("chat", &endpoint, "dev").unwrap();
+        assert_eq!(dev.secrets, []);
+        assert_eq!(dev.config.limits.redis, None);
+
+        let written = spec(
+            "
+provider: mock
+model: m
+limits:
+  requestsPerMinute: 60
+  scope: global
+  redis: {url: 'redis://r:6379', passwordFile: /etc/pw}
+",
+        );
+        assert_eq!(
+            render("chat", &written, "prod").unwrap_err().to_string(),
+            "environment prod: limits.redis.passwordFile: is set by the operator; give the password as redisPasswordSecretRef"
+        );
     }
 
     #[test]

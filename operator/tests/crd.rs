@@ -96,6 +96,13 @@ async fn the_api_server_accepts_valid_and_rejects_invalid_endpoints() {
             json!({"provider": "openai", "model": "m", "maxRequestBodyBytes": 0}),
             "should be greater than or equal to 1",
         ),
+        (
+            json!({"provider": "mock", "model": "m", "environments": {"prod": {"limits": {
+                "requestsPerMinute": 60, "scope": "global",
+                "redis": {"url": "redis://r:6379", "passwordFile": "/etc/pw"}
+            }}}}),
+            "give the password as redisPasswordSecretRef",
+        ),
     ];
     for (i, (spec, expected)) in rejected.into_iter().enumerate() {
         let err = api

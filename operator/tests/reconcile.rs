@@ -77,6 +77,16 @@ async fn label_namespace(client: &kube::Client, ns: &str, environment: &str) {
 }
 
 async fn create_secret(client: &kube::Client, ns: &str, name: &str, key: &str) {
+    create_secret_with(client, ns, name, "apiKey", key).await;
+}
+
+async fn create_secret_with(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    data_key: &str,
+    value: &str,
+) {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
@@ -84,8 +94,8 @@ async fn create_secret(client: &kube::Client, ns: &str, name: &str, key: &str) {
             ..Default::default()
         },
         data: Some(BTreeMap::from([(
-            "apiKey".to_string(),
-            ByteString(key.as_bytes().to_vec()),
+            data_key.to_string(),
+            ByteString(value.as_bytes().to_vec()),
         )])),
         ..Default::default()
     };
@@ -104,12 +114,21 @@ async fn create_secret(client: &kube::Client, ns: &str, name: &str, key: &str) {
 }
 
 async fn create_endpoint(client: &kube::Client, ns: &str, name: &str) {
+    create_endpoint_with(client, ns, name, serde_json::from_str(SPEC).unwrap()).await;
+}
+
+async fn create_endpoint_with(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    spec: serde_json::Value,
+) {
     let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), ns);
     let endpoint: LlmEndpoint = serde_json::from_value(json!({
         "apiVersion": "llmesh.io/v1alpha1",
         "kind": "LlmEndpoint",
         "metadata": {"name": name},
-        "spec": serde_json::from_str::<serde_json::Value>(SPEC).unwrap(),
+        "spec": spec,
     }))
     .unwrap();
     api.create(&PostParams::default(), &endpoint).await.unwrap();
@@ -159,9 +178,14 @@ async fn rendered(client: &kube::Client, ns: &str, name: &str) -> (ConfigMap, En
 }
 
 async fn copied_key(client: &kube::Client, ns: &str, name: &str) -> Option<String> {
+    copied(client, ns, name, "apiKey").await
+}
+
+/// Key `data_key` of Secret `llmesh-<name>`, the copy the sidecar mounts.
+async fn copied(client: &kube::Client, ns: &str, name: &str, data_key: &str) -> Option<String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = api.get_opt(&format!("llmesh-{name}")).await.unwrap()?;
-    Some(String::from_utf8(secret.data?.get("apiKey")?.0.clone()).unwrap())
+    Some(String::from_utf8(secret.data?.get(data_key)?.0.clone()).unwrap())
 }
 
 #[tokio::test]
@@ -278,6 +302,77 @@ async fn a_secret_created_late_or_rotated_is_picked_up() {
     })
     .await;
     assert!(rotated.is_some(), "the rotated key was copied");
+}
+
+#[tokio::test]
+async fn the_redis_password_is_copied_beside_the_key_and_kept_out_of_the_config() {
+    let s = setup("redis-password", "prod").await;
+    create_secret(&s.client, &s.ns, "openai", "sk-prod").await;
+    create_endpoint_with(
+        &s.client,
+        &s.ns,
+        "chat",
+        json!({
+            "provider": "openai",
+            "model": "gpt-4o",
+            "secretRef": {"name": "openai", "key": "apiKey"},
+            "redisPasswordSecretRef": {"name": "redis", "key": "password"},
+            "limits": {
+                "requestsPerMinute": 600,
+                "scope": "global",
+                "redis": {"url": "redis://redis.llmesh:6379"}
+            }
+        }),
+    )
+    .await;
+    let waiting = wait_status(&s.client, &s.ns, "chat", |e| {
+        condition(e, "CredentialsResolved").is_some_and(|c| c.reason == "SecretNotFound")
+    })
+    .await;
+    assert!(condition(&waiting, "CredentialsResolved")
+        .unwrap()
+        .message
+        .contains("/redis does not exist"));
+    assert_eq!(condition(&waiting, "Ready").unwrap().status, "False");
+
+    let started = tokio::time::Instant::now();
+    create_secret_with(&s.client, &s.ns, "redis", "password", "redis-pw-1").await;
+    let ready = wait_status(&s.client, &s.ns, "chat", is_ready).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the password's Secret is watched too"
+    );
+    assert_eq!(
+        condition(&ready, "CredentialsResolved").unwrap().message,
+        "copied openai/apiKey, redis/password"
+    );
+    assert_eq!(
+        copied(&s.client, &s.ns, "chat", "redisPassword")
+            .await
+            .as_deref(),
+        Some("redis-pw-1")
+    );
+    assert_eq!(
+        copied_key(&s.client, &s.ns, "chat").await.as_deref(),
+        Some("sk-prod")
+    );
+    let (cm, config) = rendered(&s.client, &s.ns, "chat").await;
+    assert_eq!(
+        config.limits.redis.unwrap().password_file.unwrap(),
+        std::path::Path::new("/var/run/secrets/llmesh/chat/redisPassword")
+    );
+    assert!(!format!("{:?}", cm.data).contains("redis-pw-1"));
+
+    create_secret_with(&s.client, &s.ns, "redis", "password", "redis-pw-2").await;
+    let rotated = eventually(WAIT, || async {
+        (copied(&s.client, &s.ns, "chat", "redisPassword")
+            .await
+            .as_deref()
+            == Some("redis-pw-2"))
+        .then_some(())
+    })
+    .await;
+    assert!(rotated.is_some(), "the rotated password was copied");
 }
 
 #[tokio::test]
