@@ -5,7 +5,14 @@
 //! are large (tens of MB once loaded), so one is loaded only for an endpoint with a
 //! tokens-per-minute limit, on a background thread; requests arriving before it is ready are
 //! estimated rather than delayed.
+//!
+//! Chat apps send the same system prompt, and re-send the whole conversation, on every
+//! turn; so each message's count is cached (per worker thread, without a lock), and a
+//! request costs BPE work only for what is new in it.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
@@ -25,11 +32,20 @@ const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
 const LONG_RUN_BYTES: usize = 256;
 /// Such runs tokenize worse than prose; three bytes a token errs on the side of reserving more.
 const LONG_RUN_BYTES_PER_TOKEN: u64 = 3;
+/// Messages shorter than this are counted, not looked up: BPE on them costs about what
+/// hashing and a lookup do.
+const CACHED_PIECE_MIN_BYTES: usize = 128;
+/// Counts kept per thread and generation: at most twice this, about 100 KiB a thread.
+const CACHE_GENERATION_ENTRIES: usize = 4096;
+
+thread_local! {
+    static COUNTS: RefCell<CountCache> = RefCell::new(CountCache::default());
+}
 
 static O200K_READY: AtomicBool = AtomicBool::new(false);
 static CL100K_READY: AtomicBool = AtomicBool::new(false);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
     O200k,
     Cl100k,
@@ -94,6 +110,8 @@ impl Encoding {
 #[derive(Debug, Default, PartialEq)]
 pub struct Prompt {
     text: String,
+    /// Where each message (or other string of the prompt) ends in `text`: the unit of caching.
+    piece_ends: Vec<usize>,
     fixed_tokens: u64,
     /// Completion tokens the request may generate: `max_tokens` (or its newer names) × `n`.
     pub max_output: Option<u64>,
@@ -136,6 +154,7 @@ impl Prompt {
             Value::String(s) => {
                 self.text.push_str(s);
                 self.text.push('\n');
+                self.piece_ends.push(self.text.len());
             }
             // Pre-tokenized input (completions, embeddings): each number is one token.
             Value::Number(_) => self.fixed_tokens += 1,
@@ -182,11 +201,63 @@ impl Prompt {
             return self.fixed_tokens + estimate_bytes(self.text.len());
         };
         if self.text.len() <= INLINE_TEXT_BYTES {
-            return self.fixed_tokens + count_bounded(bpe, &self.text);
+            return self.fixed_tokens + count_pieces(encoding, bpe, &self.text, &self.piece_ends);
         }
-        let text = self.text.clone();
-        let counted = tokio::task::spawn_blocking(move || count_bounded(bpe, &text)).await;
+        let (text, ends) = (self.text.clone(), self.piece_ends.clone());
+        let counted =
+            tokio::task::spawn_blocking(move || count_pieces(encoding, bpe, &text, &ends)).await;
         self.fixed_tokens + counted.unwrap_or_else(|_| estimate_bytes(self.text.len()))
+    }
+}
+
+/// Tokens of `text`, whose pieces end at `piece_ends` (and at its end). Pieces long enough
+/// to be worth it are counted once and then looked up; runs of short ones are counted
+/// together in one call.
+fn count_pieces(encoding: Encoding, bpe: &CoreBPE, text: &str, piece_ends: &[usize]) -> u64 {
+    let mut total = 0;
+    let mut short_run_start = 0;
+    let mut start = 0;
+    for end in piece_ends.iter().copied().chain([text.len()]) {
+        let Some(piece) = text.get(start..end) else {
+            break;
+        };
+        if piece.len() >= CACHED_PIECE_MIN_BYTES {
+            total += count_bounded(bpe, &text[short_run_start..start]);
+            total += COUNTS.with_borrow_mut(|cache| cache.count(encoding, bpe, piece));
+            short_run_start = end;
+        }
+        start = end;
+    }
+    total + count_bounded(bpe, &text[short_run_start..])
+}
+
+/// Recently counted pieces of one thread, in two generations: when the current one is
+/// full it becomes the previous one (dropping the one before), and a piece found in the
+/// previous one moves back up. So what recurs stays, with no per-entry bookkeeping.
+#[derive(Default)]
+struct CountCache {
+    keys: RandomState,
+    current: HashMap<u64, u64>,
+    previous: HashMap<u64, u64>,
+}
+
+impl CountCache {
+    fn count(&mut self, encoding: Encoding, bpe: &CoreBPE, piece: &str) -> u64 {
+        // 64 bits of a keyed hash: a collision would only misjudge one reservation, which
+        // the response's real usage settles anyway.
+        let key = self.keys.hash_one((encoding, piece));
+        if let Some(&tokens) = self.current.get(&key) {
+            return tokens;
+        }
+        let tokens = match self.previous.remove(&key) {
+            Some(tokens) => tokens,
+            None => count_bounded(bpe, piece),
+        };
+        if self.current.len() >= CACHE_GENERATION_ENTRIES {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, tokens);
+        tokens
     }
 }
 
@@ -221,6 +292,7 @@ pub fn estimate_bytes(len: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn wait_until_ready(encoding: Encoding) {
         encoding.warm_up();
@@ -272,6 +344,66 @@ mod tests {
         let text = format!("{prose}{blob} end");
         let rest = bpe.encode_ordinary(&format!("{prose} end")).len() as u64;
         assert_eq!(count_bounded(bpe, &text), 100_000 + rest);
+    }
+
+    #[tokio::test]
+    async fn long_messages_are_counted_once_then_looked_up_and_sum_like_the_whole() {
+        wait_until_ready(Encoding::O200k);
+        let bpe = Encoding::O200k.loaded_bpe().unwrap();
+        let system = "You are the support assistant of a shop. Answer in two sentences, \
+                      politely, and never promise a refund before checking the order. "
+            .repeat(3);
+        let history: Vec<String> = (0..6)
+            .map(|i| format!("Turn {i}: where is my order {i}? It has not arrived yet. ").repeat(4))
+            .collect();
+        let mut messages = vec![json!({"role": "system", "content": system})];
+        messages.extend(
+            history
+                .iter()
+                .map(|h| json!({"role": "user", "content": h})),
+        );
+        messages.push(json!({"role": "user", "content": "ok"}));
+        let body = json!({"model": "gpt-4o", "messages": messages}).to_string();
+        let prompt = Prompt::from_request(body.as_bytes());
+
+        let cached = |piece: &str| {
+            COUNTS.with_borrow(|c| {
+                let key = c.keys.hash_one((Encoding::O200k, piece));
+                c.current.contains_key(&key) || c.previous.contains_key(&key)
+            })
+        };
+        let first_piece = format!("{system}\n");
+        assert!(!cached(&first_piece));
+        let first = prompt.count(Encoding::O200k).await;
+        // Every long message is now cached; the short last one is not.
+        assert!(cached(&first_piece));
+        assert!(history.iter().all(|h| cached(&format!("{h}\n"))));
+        assert!(!cached("ok\n"));
+        assert_eq!(prompt.count(Encoding::O200k).await, first);
+        // Counting message by message gives what counting the whole text would.
+        let whole = bpe.encode_ordinary(&prompt.text).len() as u64;
+        assert_eq!(first, prompt.fixed_tokens + whole);
+    }
+
+    #[test]
+    fn the_cache_keeps_what_recurs_within_two_generations() {
+        wait_until_ready(Encoding::Cl100k);
+        let bpe = Encoding::Cl100k.loaded_bpe().unwrap();
+        let mut cache = CountCache::default();
+        let recurring = "a system prompt that every request carries ".repeat(4);
+        let tokens = cache.count(Encoding::Cl100k, bpe, &recurring);
+        for i in 0..3 * CACHE_GENERATION_ENTRIES {
+            cache.count(Encoding::Cl100k, bpe, &format!("message {i}"));
+            if i % 1000 == 0 {
+                assert_eq!(cache.count(Encoding::Cl100k, bpe, &recurring), tokens);
+            }
+            assert!(cache.current.len() + cache.previous.len() <= 2 * CACHE_GENERATION_ENTRIES);
+        }
+        let key = cache.keys.hash_one((Encoding::Cl100k, recurring.as_str()));
+        assert!(cache.current.contains_key(&key) || cache.previous.contains_key(&key));
+        // The same text under another encoding is another entry.
+        let other = cache.keys.hash_one((Encoding::O200k, recurring.as_str()));
+        assert_ne!(key, other);
     }
 
     #[tokio::test]
