@@ -293,6 +293,10 @@ def main():
                         help="another llmesh-sidecar build (say, of an older commit) to run side by side as "
                              "llmesh-baseline, with the endpoint alone: no retry, breaker or limits blocks, "
                              "so that builds which predate them accept the config")
+    local_sidecars = [n for n in SIDECARS if n != "llmesh-redis"]
+    parser.add_argument("--baseline-as", metavar="NAME", choices=local_sidecars,
+                        help="run the --baseline build with this configuration instead (one of "
+                             f"{', '.join(local_sidecars)}), to compare two builds on the same settings")
     args = parser.parse_args()
     proxies = args.proxies.split(",")
     if args.baseline:
@@ -319,7 +323,9 @@ def main():
             if name == "nginx":
                 proc = start_nginx(tmp, up_port, port)
             elif name == "llmesh-baseline":
-                proc = start_sidecar(tmp, name, "", [], up_port, port, free_port(), binary=args.baseline)
+                settings, extra_args = SIDECARS[args.baseline_as] if args.baseline_as else ("", [])
+                proc = start_sidecar(tmp, name, settings, extra_args, up_port, port, free_port(),
+                                     binary=args.baseline)
             else:
                 settings, extra_args = SIDECARS[name]
                 if "REDIS_PORT" in settings:
