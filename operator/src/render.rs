@@ -1,6 +1,6 @@
 //! From an LlmEndpoint and an environment to exactly what the sidecar reads: one endpoint
 //! file (the sidecar's own `EndpointConfig`, validated by the sidecar's own rules) and the
-//! the Secret keys to copy beside it. Pure: no API calls, so every rule is unit-tested.
+//! Secret keys to copy beside it. Pure: no API calls, so every rule is unit-tested.
 
 use std::path::PathBuf;
 

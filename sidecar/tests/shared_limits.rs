@@ -69,6 +69,21 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The level of endpoint `chat`'s shared requests bucket, if Redis holds one.
+async fn shared_requests_bucket(redis_url: &str) -> Option<String> {
+    let mut connection = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HGET")
+        .arg("llmesh:chat:requests")
+        .arg("level")
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
 fn shared_sidecar(redis_port: u16, limits: &str, policy: &str) -> Sidecar {
     Sidecar::start(&format!(
         "endpoints:
@@ -215,18 +230,12 @@ async fn redis_going_away_follows_the_policy_and_coming_back_resumes_sharing() {
     .await;
     assert!(recovered, "failClosed did not resume once Redis was back");
     // Sharing resumed: the budget lives in Redis again.
-    let mut connection = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let level: Option<String> = redis::cmd("HGET")
-        .arg("llmesh:chat:requests")
-        .arg("level")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert!(level.is_some(), "no shared bucket in Redis after recovery");
+    assert!(
+        shared_requests_bucket(&format!("redis://127.0.0.1:{port}"))
+            .await
+            .is_some(),
+        "no shared bucket in Redis after recovery"
+    );
 }
 
 #[tokio::test]
@@ -272,19 +281,12 @@ async fn the_redis_password_comes_from_a_file_and_a_rotated_one_is_used_on_recon
     })
     .await;
     assert!(recovered, "{}", sidecar.logs());
-    let mut connection =
-        redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port))
-            .unwrap()
-            .get_multiplexed_async_connection()
+    assert!(
+        shared_requests_bucket(&format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port))
             .await
-            .unwrap();
-    let level: Option<String> = redis::cmd("HGET")
-        .arg("llmesh:chat:requests")
-        .arg("level")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert!(level.is_some(), "no shared bucket in Redis");
+            .is_some(),
+        "no shared bucket in Redis"
+    );
     let logs = sidecar.logs();
     assert!(logs.contains("Redis is reachable again"));
     assert!(!logs.contains(PASSWORD) && !logs.contains("not-the-password"));
