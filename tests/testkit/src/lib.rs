@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::{Body, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -43,7 +43,49 @@ pub mod directives {
     pub const FAIL_TIMES: &str = "x-fake-fail-times";
     /// `name: value`, added to the response (repeatable): `retry-after`, `x-ratelimit-*`.
     pub const RESPONSE_HEADER: &str = "x-fake-response-header";
+    /// Comma-separated places where the fake echoes the credential it received, as a broken
+    /// or hostile upstream (or a proxy in front of one) would. The credential is the value of
+    /// `authorization` as received (`Bearer sk-...`), else of `x-api-key`, else of `api-key`;
+    /// the raw key is that value without its `Bearer ` prefix. Without a credential nothing is
+    /// echoed. Places:
+    /// - `header`: response header [`ECHO_AUTHORIZATION`](super::ECHO_AUTHORIZATION) with the
+    ///   value as received;
+    /// - `www-authenticate`: `www-authenticate: Bearer realm="fake", error="invalid_token",
+    ///   error_description="bad key <raw key>"`;
+    /// - `body`: the response is a 401 with OpenAI's error envelope, the raw key in `message`
+    ///   (`Incorrect API key provided: <raw key>. ...`) and the value as received in `param`;
+    /// - `stream`: the response is an SSE chat-completion stream (`STREAM_CHUNKS` chunks, 3 by
+    ///   default, then `[DONE]`) whose second chunk (the first if there is only one) has
+    ///   `leaked <raw key> here` as its content; that event is sent as two frames split in the
+    ///   middle of the key, 5 ms apart, so a proxy sees the key split across reads;
+    /// - `ok-body`: a 200 completion whose `message.content` contains the raw key.
+    ///
+    /// `body` wins over `STATUS`, which wins over `stream`, then `STREAM_CHUNKS`, then `ok-body`.
+    pub const ECHO_KEY_IN: &str = "x-fake-echo-key-in";
+    /// Cut every body frame of the response (streamed or not) into frames of at most this many
+    /// bytes, sent 1 ms apart: a drip, so that a parser meets every read boundary.
+    pub const FRAME_BYTES: &str = "x-fake-frame-bytes";
+    /// Streams carry no usage chunk, even when the request asks for
+    /// `stream_options.include_usage` (llama.cpp and some vLLM settings behave so).
+    pub const NO_USAGE: &str = "x-fake-no-usage";
+    /// Like llama.cpp's server: answer 400 with an empty body when the request has an
+    /// `x-request-id` that is not a UUID (8-4-4-4-12 hex digits).
+    pub const UUID_REQUEST_ID: &str = "x-fake-require-uuid-request-id";
+    /// Streams: after `data: [DONE]` keep the body open this many milliseconds before ending
+    /// it, as some servers do.
+    pub const FINISH_THEN_HOLD_MS: &str = "x-fake-finish-then-hold-ms";
 }
+
+/// The response header in which [`directives::ECHO_KEY_IN`]`: header` echoes the credential.
+pub const ECHO_AUTHORIZATION: &str = "x-echo-authorization";
+
+/// Chunks of an `ECHO_KEY_IN: stream` response when the request does not set `STREAM_CHUNKS`.
+const LEAK_STREAM_CHUNKS: u64 = 3;
+/// The pause between the two halves of the leaking event: long enough that they leave as
+/// separate TCP segments and reach the proxy in separate reads.
+const SPLIT_PAUSE: Duration = Duration::from_millis(5);
+/// The pause between the pieces of a `FRAME_BYTES` drip.
+const DRIP_PAUSE: Duration = Duration::from_millis(1);
 
 /// One request as the fake upstream received it.
 #[derive(Debug, Clone)]
@@ -215,6 +257,105 @@ impl std::fmt::Display for DroppedOnPurpose {
 
 impl std::error::Error for DroppedOnPurpose {}
 
+/// What `ECHO_KEY_IN` asks to echo, and the credential the request carried.
+#[derive(Debug, Clone, Default)]
+struct Echo {
+    header: bool,
+    www_authenticate: bool,
+    body: bool,
+    stream: bool,
+    ok_body: bool,
+    /// The credential header's value as received (`Bearer sk-...`).
+    as_received: Option<http::HeaderValue>,
+    /// The key alone, without the `Bearer ` prefix.
+    raw_key: Vec<u8>,
+}
+
+impl Echo {
+    fn from_request(headers: &HeaderMap) -> Self {
+        let Some(as_received) = ["authorization", "x-api-key", "api-key"]
+            .iter()
+            .find_map(|name| headers.get(*name))
+        else {
+            return Self::default();
+        };
+        let mut echo = Self {
+            raw_key: strip_bearer(as_received.as_bytes()).to_vec(),
+            as_received: Some(as_received.clone()),
+            ..Self::default()
+        };
+        let places = headers
+            .get_all(directives::ECHO_KEY_IN)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|place| place.trim().to_ascii_lowercase());
+        for place in places {
+            match place.as_str() {
+                "header" => echo.header = true,
+                "www-authenticate" => echo.www_authenticate = true,
+                "body" => echo.body = true,
+                "stream" => echo.stream = true,
+                "ok-body" => echo.ok_body = true,
+                _ => {}
+            }
+        }
+        echo
+    }
+
+    fn raw_key_text(&self) -> String {
+        String::from_utf8_lossy(&self.raw_key).into_owned()
+    }
+
+    fn as_received_text(&self) -> String {
+        self.as_received
+            .as_ref()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn add_headers(&self, response: &mut Response<FakeBody>) {
+        let Some(as_received) = &self.as_received else {
+            return;
+        };
+        if self.header {
+            response
+                .headers_mut()
+                .insert(ECHO_AUTHORIZATION, as_received.clone());
+        }
+        if self.www_authenticate {
+            let mut value =
+                br#"Bearer realm="fake", error="invalid_token", error_description="bad key "#
+                    .to_vec();
+            value.extend_from_slice(&self.raw_key);
+            value.push(b'"');
+            // The key came in a header value, so it is valid in one.
+            if let Ok(value) = http::HeaderValue::from_bytes(&value) {
+                response
+                    .headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, value);
+            }
+        }
+    }
+}
+
+fn strip_bearer(value: &[u8]) -> &[u8] {
+    const BEARER: &[u8] = b"bearer ";
+    match value.get(..BEARER.len()) {
+        Some(prefix) if prefix.eq_ignore_ascii_case(BEARER) => value[BEARER.len()..].trim_ascii(),
+        _ => value.trim_ascii(),
+    }
+}
+
+/// 8-4-4-4-12 hex digits, as llama.cpp's server requires of `x-request-id`.
+fn is_uuid(id: &[u8]) -> bool {
+    id.len() == 36
+        && id.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
 async fn handle(
     shared: Arc<Shared>,
     options: Options,
@@ -233,11 +374,12 @@ async fn handle(
         .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
         .unwrap_or_else(|| "unknown".to_string());
     // Like OpenAI: a stream carries usage only when the request asks for it.
-    let include_usage = json
-        .as_ref()
-        .and_then(|v| v.pointer("/stream_options/include_usage"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = !headers.contains_key(directives::NO_USAGE)
+        && json
+            .as_ref()
+            .and_then(|v| v.pointer("/stream_options/include_usage"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
     if options.record {
         if let Ok(mut requests) = shared.requests.lock() {
             requests.push(Recorded {
@@ -270,7 +412,18 @@ async fn handle(
             *count <= times
         }
     };
-    let mut response = respond(&shared, options, &headers, &model, faulty, include_usage).await?;
+    let echo = Echo::from_request(&headers);
+    let mut response = respond(
+        &shared,
+        options,
+        &headers,
+        &model,
+        faulty,
+        include_usage,
+        &echo,
+    )
+    .await?;
+    echo.add_headers(&mut response);
     for value in headers.get_all(directives::RESPONSE_HEADER) {
         let Some((name, value)) = value.to_str().ok().and_then(|v| v.split_once(':')) else {
             continue;
@@ -282,7 +435,13 @@ async fn handle(
             response.headers_mut().append(name, value);
         }
     }
-    Ok(response)
+    match directive(&headers, directives::FRAME_BYTES)
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n > 0)
+    {
+        Some(max) => Ok(drip(response, max)),
+        None => Ok(response),
+    }
 }
 
 async fn respond(
@@ -292,7 +451,20 @@ async fn respond(
     model: &str,
     faulty: bool,
     include_usage: bool,
+    echo: &Echo,
 ) -> Result<Response<FakeBody>, DroppedOnPurpose> {
+    if headers.contains_key(directives::UUID_REQUEST_ID) {
+        if let Some(id) = headers.get("x-request-id") {
+            if !is_uuid(id.as_bytes()) {
+                let mut response = Response::new(full(String::new()));
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                response
+                    .headers_mut()
+                    .insert("x-fake-upstream", http::HeaderValue::from_static("1"));
+                return Ok(response);
+            }
+        }
+    }
     let headers = if faulty {
         headers.clone()
     } else {
@@ -314,6 +486,19 @@ async fn respond(
     if headers.contains_key(directives::DROP_CONNECTION) {
         return Err(DroppedOnPurpose);
     }
+    // Without a credential every echo place is off (`Echo::from_request`).
+    if echo.body {
+        let body = serde_json::json!({"error": {
+            "message": format!(
+                "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
+                echo.raw_key_text()
+            ),
+            "type": "invalid_request_error",
+            "param": echo.as_received_text(),
+            "code": "invalid_api_key",
+        }});
+        return Ok(json_response(StatusCode::UNAUTHORIZED, &body));
+    }
     if let Some(status) = directive(&headers, directives::STATUS) {
         let status = u16::try_from(status)
             .ok()
@@ -327,16 +512,31 @@ async fn respond(
         }});
         return Ok(json_response(status, &body));
     }
-    if let Some(chunks) = directive(&headers, directives::STREAM_CHUNKS) {
-        return Ok(stream_response(
-            shared,
-            &headers,
-            model,
-            chunks,
+    let chunks = directive(&headers, directives::STREAM_CHUNKS);
+    if chunks.is_some() || echo.stream {
+        let chunks = chunks.unwrap_or(LEAK_STREAM_CHUNKS);
+        let plan = StreamPlan {
+            chunks: if echo.stream { chunks.max(1) } else { chunks },
+            interval: Duration::from_millis(
+                directive(&headers, directives::CHUNK_INTERVAL_MS).unwrap_or(0),
+            ),
+            fail_after: directive(&headers, directives::FAIL_AFTER_CHUNKS),
+            stall_after: directive(&headers, directives::STALL_AFTER_CHUNKS),
             include_usage,
-        ));
+            leak: echo.stream.then(|| echo.raw_key_text()),
+            hold: Duration::from_millis(
+                directive(&headers, directives::FINISH_THEN_HOLD_MS).unwrap_or(0),
+            ),
+        };
+        return Ok(stream_response(shared, model, plan));
     }
-    Ok(completion_response(model, options.body_bytes))
+    if echo.ok_body {
+        let content = format!("Your key is {}.", echo.raw_key_text());
+        return Ok(completion_response(model, content));
+    }
+    let overhead = 330 + model.len();
+    let content = "x".repeat(options.body_bytes.saturating_sub(overhead).max(1));
+    Ok(completion_response(model, content))
 }
 
 fn full(body: String) -> FakeBody {
@@ -345,9 +545,7 @@ fn full(body: String) -> FakeBody {
         .boxed_unsync()
 }
 
-fn completion_response(model: &str, body_bytes: usize) -> Response<FakeBody> {
-    let overhead = 330 + model.len();
-    let content = "x".repeat(body_bytes.saturating_sub(overhead).max(1));
+fn completion_response(model: &str, content: String) -> Response<FakeBody> {
     let body = serde_json::json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -371,6 +569,63 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<FakeB
     response
 }
 
+/// The response with each body frame cut into frames of at most `max` bytes, sent
+/// [`DRIP_PAUSE`] apart. A body of known length keeps its `content-length`, as a provider's
+/// JSON answer would, so only the pacing changes.
+fn drip(response: Response<FakeBody>, max: usize) -> Response<FakeBody> {
+    let (mut parts, body) = response.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    }
+    let pieces = stream::unfold(
+        (body.into_data_stream(), Bytes::new(), false),
+        move |(mut frames, mut pending, mut started)| async move {
+            loop {
+                if !pending.is_empty() {
+                    if started {
+                        tokio::time::sleep(DRIP_PAUSE).await;
+                    }
+                    started = true;
+                    let piece = pending.split_to(max.min(pending.len()));
+                    return Some((Ok(Frame::data(piece)), (frames, pending, started)));
+                }
+                match frames.next().await? {
+                    Ok(data) => pending = data,
+                    Err(e) => return Some((Err(e), (frames, pending, started))),
+                }
+            }
+        },
+    );
+    Response::from_parts(parts, BodyExt::boxed_unsync(StreamBody::new(pieces)))
+}
+
+/// What one SSE response sends.
+struct StreamPlan {
+    chunks: u64,
+    interval: Duration,
+    /// Reset the connection after this many chunks.
+    fail_after: Option<u64>,
+    /// Stop sending, connection open, after this many chunks.
+    stall_after: Option<u64>,
+    include_usage: bool,
+    /// A key to leak in one chunk, split across two frames.
+    leak: Option<String>,
+    /// How long the body stays open after `[DONE]`.
+    hold: Duration,
+}
+
+impl StreamPlan {
+    /// The chunk whose content leaks the key: the second, so that the stream has started
+    /// normally before it, or the only one.
+    fn leak_at(&self) -> Option<u64> {
+        self.leak
+            .as_ref()
+            .map(|_| self.chunks.saturating_sub(1).min(1))
+    }
+}
+
 enum Step {
     Chunk(u64),
     Done,
@@ -379,81 +634,108 @@ enum Step {
     End,
 }
 
-fn stream_response(
-    shared: &Arc<Shared>,
-    headers: &HeaderMap,
-    model: &str,
-    chunks: u64,
-    include_usage: bool,
-) -> Response<FakeBody> {
-    let interval =
-        Duration::from_millis(directive(headers, directives::CHUNK_INTERVAL_MS).unwrap_or(0));
-    let fail_after = directive(headers, directives::FAIL_AFTER_CHUNKS);
-    let stall_after = directive(headers, directives::STALL_AFTER_CHUNKS);
-    let model = model.to_string();
-    let guard = AbandonGuard::new(shared);
-    let steps = stream::unfold((0u64, guard), move |(sent, mut guard)| {
-        let model = model.clone();
+struct StreamState {
+    sent: u64,
+    guard: AbandonGuard,
+    /// The second half of a split event, sent after [`SPLIT_PAUSE`].
+    rest_of_split: Option<Bytes>,
+}
+
+fn stream_response(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Response<FakeBody> {
+    let model: Arc<str> = Arc::from(model);
+    let plan = Arc::new(plan);
+    let state = StreamState {
+        sent: 0,
+        guard: AbandonGuard::new(shared),
+        rest_of_split: None,
+    };
+    let steps = stream::unfold(state, move |mut state| {
+        let model = Arc::clone(&model);
+        let plan = Arc::clone(&plan);
         async move {
-            let step = if fail_after == Some(sent) {
+            if let Some(rest) = state.rest_of_split.take() {
+                tokio::time::sleep(SPLIT_PAUSE).await;
+                return Some((Ok(Frame::data(rest)), state));
+            }
+            let sent = state.sent;
+            let step = if plan.fail_after == Some(sent) {
                 Step::Fail
-            } else if stall_after == Some(sent) {
+            } else if plan.stall_after == Some(sent) {
                 Step::Stall
-            } else if sent < chunks {
+            } else if sent < plan.chunks {
                 Step::Chunk(sent)
-            } else if sent == chunks {
+            } else if sent == plan.chunks {
                 Step::Done
             } else {
                 Step::End
             };
             match step {
                 Step::Chunk(i) => {
-                    if i > 0 && !interval.is_zero() {
-                        tokio::time::sleep(interval).await;
+                    if i > 0 && !plan.interval.is_zero() {
+                        tokio::time::sleep(plan.interval).await;
                     }
+                    let leak = plan.leak.as_deref().filter(|_| plan.leak_at() == Some(i));
+                    let content = match leak {
+                        Some(key) => format!("leaked {key} here"),
+                        None => format!("tok{i} "),
+                    };
                     let event = serde_json::json!({
                         "id": "chatcmpl-fake",
                         "object": "chat.completion.chunk",
                         "created": 1_700_000_000,
-                        "model": model,
-                        "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}],
+                        "model": &*model,
+                        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}],
                     });
-                    Some((
-                        Ok(Frame::data(Bytes::from(format!("data: {event}\n\n")))),
-                        (sent + 1, guard),
-                    ))
+                    let mut event = Bytes::from(format!("data: {event}\n\n"));
+                    state.sent = sent.saturating_add(1);
+                    if let Some(key) = leak {
+                        // In the middle of the key as written (JSON escaping may move it).
+                        let split = event
+                            .windows(key.len().max(1))
+                            .position(|w| w == key.as_bytes())
+                            .map_or(event.len() / 2, |at| at + key.len() / 2);
+                        state.rest_of_split = Some(event.split_off(split));
+                    }
+                    Some((Ok(Frame::data(event)), state))
                 }
                 Step::Done => {
-                    guard.armed = false;
+                    state.guard.armed = false;
                     let mut tail = String::new();
-                    if include_usage {
+                    if plan.include_usage {
                         let usage = serde_json::json!({
                             "id": "chatcmpl-fake",
                             "object": "chat.completion.chunk",
                             "created": 1_700_000_000,
-                            "model": model,
+                            "model": &*model,
                             "choices": [],
-                            "usage": {"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks},
+                            "usage": {"prompt_tokens": 10, "completion_tokens": plan.chunks, "total_tokens": 10 + plan.chunks},
                         });
                         tail.push_str(&format!("data: {usage}\n\n"));
                     }
                     tail.push_str("data: [DONE]\n\n");
-                    Some((Ok(Frame::data(Bytes::from(tail))), (sent + 1, guard)))
+                    state.sent = sent.saturating_add(1);
+                    Some((Ok(Frame::data(Bytes::from(tail))), state))
                 }
                 Step::Fail => {
                     // Let the chunks already written leave before the connection is cut.
-                    tokio::time::sleep(interval.max(Duration::from_millis(20))).await;
-                    guard.armed = false;
+                    tokio::time::sleep(plan.interval.max(Duration::from_millis(20))).await;
+                    state.guard.armed = false;
+                    state.sent = u64::MAX;
                     Some((
                         Err(std::io::Error::other("fake upstream failed mid-stream")),
-                        (u64::MAX, guard),
+                        state,
                     ))
                 }
                 Step::Stall => {
                     std::future::pending::<()>().await;
                     None
                 }
-                Step::End => None,
+                Step::End => {
+                    if !plan.hold.is_zero() {
+                        tokio::time::sleep(plan.hold).await;
+                    }
+                    None
+                }
             }
         }
     });
@@ -468,3 +750,6 @@ fn stream_response(
         .insert("x-fake-upstream", http::HeaderValue::from_static("1"));
     response
 }
+
+#[cfg(test)]
+mod tests;
