@@ -13,6 +13,7 @@ use llmesh_sidecar::config::{
     AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, PriceConfig,
     ProviderKind, RetryConfig,
 };
+use schemars::transform::RecursiveTransform;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
     doc = "One LLM endpoint that pods in this namespace may call through the llmesh sidecar."
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = RecursiveTransform(keep_kubernetes_formats))]
 // The flattened base's own rules do not survive flattening, so they are repeated here.
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.provider)", "message": "spec.provider is required"},
@@ -165,6 +167,7 @@ pub struct TimeoutSettings {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = RecursiveTransform(keep_kubernetes_formats))]
 pub struct LlmEndpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -212,5 +215,156 @@ impl<T: JsonSchema> JsonSchema for Partial<T> {
 
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
         T::json_schema(generator)
+    }
+}
+
+/// String formats that Kubernetes has validated since 1.0 (apiextensions-apiserver's list,
+/// compared with `-` removed, as the API server does).
+const KUBERNETES_STRING_FORMATS: &[&str] = &[
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+];
+
+/// Whether the API server knows `format` for a schema of `schema_type`; it warns about
+/// every other one on each `kubectl apply` of the CRD.
+fn kubernetes_knows_format(schema_type: Option<&str>, format: &str) -> bool {
+    match schema_type {
+        Some("integer") => matches!(format, "int32" | "int64"),
+        Some("number") => matches!(format, "float" | "double"),
+        None | Some("string") => {
+            let normalized = format.replace('-', "");
+            KUBERNETES_STRING_FORMATS.contains(&normalized.as_str())
+        }
+        Some(_) => false,
+    }
+}
+
+/// Drops the JSON Schema formats Kubernetes does not know (schemars writes `uint32` and
+/// `uint64` for unsigned integers; their `minimum: 0` stays and says the same).
+fn keep_kubernetes_formats(schema: &mut Schema) {
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    let Some(format) = object.get("format").and_then(|f| f.as_str()) else {
+        return;
+    };
+    // An `Option`'s schema is still `[T, "null"]` here; kube turns it into `nullable` later.
+    let schema_type = match object.get("type") {
+        Some(serde_json::Value::String(t)) => Some(t.as_str()),
+        Some(serde_json::Value::Array(types)) => {
+            let mut not_null = types
+                .iter()
+                .filter_map(|t| t.as_str())
+                .filter(|t| *t != "null");
+            match (not_null.next(), not_null.next()) {
+                (Some(t), None) => Some(t),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let known = kubernetes_knows_format(schema_type, format);
+    if !known {
+        object.remove("format");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+    use serde_json::Value;
+
+    use super::*;
+
+    /// Every `(type, format)` pair anywhere in `value`.
+    fn formats(value: &Value, found: &mut Vec<(Option<String>, String)>) {
+        match value {
+            Value::Object(object) => {
+                if let Some(Value::String(format)) = object.get("format") {
+                    let schema_type = object.get("type").and_then(Value::as_str);
+                    found.push((schema_type.map(str::to_string), format.clone()));
+                }
+                object.values().for_each(|v| formats(v, found));
+            }
+            Value::Array(items) => items.iter().for_each(|v| formats(v, found)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_crd_carries_only_formats_kubernetes_knows() {
+        let crd = serde_json::to_value(LlmEndpoint::crd()).unwrap();
+        let mut found = Vec::new();
+        formats(&crd, &mut found);
+        // The pairs the API server accepts without a warning, spelled out rather than
+        // taken from the filter under test.
+        let accepted = [
+            (Some("integer"), "int32"),
+            (Some("integer"), "int64"),
+            (Some("number"), "float"),
+            (Some("number"), "double"),
+            (Some("string"), "date-time"),
+        ];
+        for (schema_type, format) in &found {
+            assert!(
+                accepted.contains(&(schema_type.as_deref(), format.as_str())),
+                "format {format:?} on type {schema_type:?} would make kubectl warn"
+            );
+        }
+        assert!(found.iter().any(|(_, f)| f == "date-time"), "{found:?}");
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"];
+        assert_eq!(status["observedGeneration"]["format"], "int64");
+    }
+
+    #[test]
+    fn unsigned_fields_keep_their_minimum() {
+        let crd = serde_json::to_value(LlmEndpoint::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        let max_attempts = &spec["retry"]["properties"]["maxAttempts"];
+        assert_eq!(max_attempts["type"], "integer");
+        assert_eq!(max_attempts["minimum"].as_f64(), Some(1.0));
+        assert_eq!(max_attempts.get("format"), None);
+        let body_limit = &spec["maxRequestBodyBytes"];
+        assert_eq!(body_limit["minimum"].as_f64(), Some(1.0));
+        assert_eq!(body_limit.get("format"), None);
+        let max_queued = &spec["limits"]["properties"]["maxQueued"];
+        assert_eq!(max_queued["minimum"].as_f64(), Some(0.0));
+        assert_eq!(max_queued.get("format"), None);
+    }
+
+    #[test]
+    fn kubernetes_formats_are_matched_like_the_api_server_does() {
+        assert!(kubernetes_knows_format(Some("string"), "date-time"));
+        assert!(kubernetes_knows_format(None, "uuid"));
+        assert!(kubernetes_knows_format(Some("integer"), "int32"));
+        assert!(!kubernetes_knows_format(Some("integer"), "uint32"));
+        assert!(!kubernetes_knows_format(Some("integer"), "uint64"));
+        assert!(!kubernetes_knows_format(Some("number"), "int64"));
+        assert!(!kubernetes_knows_format(Some("string"), "int64"));
+        assert!(!kubernetes_knows_format(Some("boolean"), "byte"));
     }
 }
