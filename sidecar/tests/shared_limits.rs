@@ -293,3 +293,56 @@ async fn the_redis_password_comes_from_a_file_and_a_rotated_one_is_used_on_recon
     let metrics = sidecar.metrics_text().await;
     assert!(!metrics.contains(PASSWORD));
 }
+
+#[tokio::test]
+async fn a_redis_outage_is_noticed_while_a_large_lease_lasts() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    // One slice of this limit is 10,000 requests, far more than this test sends: after the
+    // first lease the sidecar needs nothing more from Redis, so only its own probe can tell
+    // that Redis went away.
+    let sidecar = shared_sidecar(port, "requestsPerMinute: 600000", "failClosed");
+    let (ok, _, other) = load(&sidecar, 10, 2).await;
+    assert_eq!((ok, other.len()), (10, 0));
+
+    redis.stop();
+    let stopped = Instant::now();
+    // Requests keep coming, so the lease never sits idle long enough to be given back (which
+    // would also reveal the outage).
+    let body = loop {
+        let response = client()
+            .post(sidecar.url("/v1/chat/completions"))
+            .json(&json!({"model": "chat", "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(3),
+            "still admitting {:?} after Redis stopped",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+    assert_eq!(sidecar.logs().matches("Redis is unreachable").count(), 1);
+
+    let _redis = Redis::start_on(port);
+    let recovered = eventually(Duration::from_secs(5), || async {
+        let (ok, _, _) = load(&sidecar, 3, 1).await;
+        ok == 3
+    })
+    .await;
+    assert!(recovered, "failClosed did not resume once Redis was back");
+    assert_eq!(
+        sidecar.logs().matches("Redis is reachable again").count(),
+        1,
+        "{}",
+        sidecar.logs()
+    );
+}

@@ -21,8 +21,10 @@ use crate::config::{RedisConfig, RedisFailurePolicy};
 /// A sidecar that has not leased for this long no longer counts as a peer; the count sets
 /// each sidecar's local share of the limit while Redis is unreachable.
 const PEER_TTL_MS: u64 = 30_000;
-/// How often an unreachable Redis is tried again.
-pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an unreachable Redis is tried again, and how long a reachable one may go
+/// without a call before it is probed: a sidecar living on a large lease would otherwise not
+/// notice an outage until it needs the next one.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Refills the bucket to Redis's own clock (so sidecars' clocks need not agree), adds back
 /// what the caller returns, then grants up to `want` whole units (a partial grant when fewer
@@ -105,7 +107,8 @@ pub struct SharedBudget {
     member: String,
     available: AtomicBool,
     peers: AtomicU32,
-    last_failure: Mutex<Option<Instant>>,
+    /// When the last call to Redis ended, whatever its outcome.
+    last_call: Mutex<Option<Instant>>,
 }
 
 impl SharedBudget {
@@ -123,7 +126,7 @@ impl SharedBudget {
             member: uuid::Uuid::new_v4().to_string(),
             available: AtomicBool::new(true),
             peers: AtomicU32::new(1),
-            last_failure: Mutex::new(None),
+            last_call: Mutex::new(None),
         }
     }
 
@@ -142,12 +145,26 @@ impl SharedBudget {
 
     /// True when Redis is marked unreachable and it is time to try it again.
     pub fn due_for_reconnect(&self, now: Instant) -> bool {
-        !self.is_available()
-            && self
-                .last_failure
-                .lock()
-                .map(|t| t.is_none_or(|at| now >= at + RECONNECT_INTERVAL))
-                .unwrap_or(true)
+        !self.is_available() && self.quiet_for_a_while(now)
+    }
+
+    fn quiet_for_a_while(&self, now: Instant) -> bool {
+        self.last_call
+            .lock()
+            .map(|t| t.is_none_or(|at| now.saturating_duration_since(at) >= CHECK_INTERVAL))
+            .unwrap_or(true)
+    }
+
+    /// PINGs a Redis marked reachable that has not been called for a second, so that an
+    /// outage switches the endpoint to its failure policy even while it lives on a lease.
+    /// Only a lease (see `due_for_reconnect`) marks Redis reachable again: a Redis that answers
+    /// PING but cannot run the script (read-only, out of memory) stays unreachable instead of
+    /// flapping. Returns true when the probe found Redis gone.
+    pub async fn probe_if_due(&self, now: Instant) -> bool {
+        if !self.is_available() || !self.quiet_for_a_while(now) {
+            return false;
+        }
+        self.bounded(self.ping()).await.is_err()
     }
 
     /// Takes up to `want` units of `dim` from the shared bucket and returns `give` unused
@@ -159,24 +176,42 @@ impl SharedBudget {
         want: f64,
         give: f64,
     ) -> Result<Grant, SharedLimitError> {
-        let timeout = self.config.timeout.get();
-        let result = tokio::time::timeout(timeout, self.call(dim, per_minute, want, give)).await;
-        let outcome = match result {
-            Ok(Ok(grant)) => Ok(grant),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(SharedLimitError::Timeout(timeout)),
-        };
-        match &outcome {
-            Ok(_) => self.mark_available(),
-            Err(error) => {
-                // A broken connection is not reused; the next call reconnects.
-                if let Ok(mut guard) = self.connection.try_lock() {
-                    *guard = None;
-                }
-                self.mark_unavailable(error);
-            }
+        let outcome = self.bounded(self.call(dim, per_minute, want, give)).await;
+        if outcome.is_ok() {
+            self.mark_available();
         }
         outcome
+    }
+
+    /// Runs one call to Redis within `redis.timeout` and marks Redis unreachable if it fails.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, SharedLimitError>>,
+    ) -> Result<T, SharedLimitError> {
+        let timeout = self.config.timeout.get();
+        let outcome = match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(SharedLimitError::Timeout(timeout)),
+        };
+        if let Ok(mut at) = self.last_call.lock() {
+            *at = Some(Instant::now());
+        }
+        if let Err(error) = &outcome {
+            // A broken connection is not reused; the next call reconnects.
+            if let Ok(mut guard) = self.connection.try_lock() {
+                *guard = None;
+            }
+            self.mark_unavailable(error);
+        }
+        outcome
+    }
+
+    async fn ping(&self) -> Result<(), SharedLimitError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| SharedLimitError::Call(e.to_string()))
     }
 
     async fn call(
@@ -243,9 +278,6 @@ impl SharedBudget {
     }
 
     fn mark_unavailable(&self, error: &SharedLimitError) {
-        if let Ok(mut at) = self.last_failure.lock() {
-            *at = Some(Instant::now());
-        }
         if self.available.swap(false, Ordering::Relaxed) {
             let policy = match self.policy() {
                 RedisFailurePolicy::FailOpen => {

@@ -515,8 +515,8 @@ impl Limiter {
         });
     }
 
-    /// Returns idle leases to Redis and probes an unreachable Redis, for as long as this
-    /// limiter is in use (a config reload drops it and the task ends).
+    /// Returns idle leases to Redis and checks that Redis is still there (or back), for as
+    /// long as this limiter is in use (a config reload drops it and the task ends).
     fn start_janitor(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         if self.shared.is_none() || self.janitor_started.swap(true, Ordering::Relaxed) {
@@ -571,6 +571,10 @@ impl Limiter {
                     pool.units += units;
                 }
             }
+            changed = true;
+        }
+        // After the returns, which count as a call: a busy sidecar is not probed on top.
+        if shared.probe_if_due(Instant::now()).await {
             changed = true;
         }
         if changed {
