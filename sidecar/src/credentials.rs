@@ -5,11 +5,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
 use crate::config::{CredentialConfig, ProviderKind};
+use crate::redact::KeyPattern;
 
 /// A loaded key, ready to be put on an upstream request.
 #[derive(Clone)]
@@ -18,6 +20,8 @@ pub struct Credential {
     value: HeaderValue,
     fingerprint: String,
     file: PathBuf,
+    /// To mask the key in what the upstream sends back.
+    pattern: Arc<KeyPattern>,
 }
 
 impl fmt::Debug for Credential {
@@ -74,6 +78,7 @@ impl Credential {
             value,
             fingerprint: fingerprint(key),
             file: path.clone(),
+            pattern: Arc::new(KeyPattern::new(key)),
         })
     }
 
@@ -93,6 +98,10 @@ impl Credential {
 
     pub fn file(&self) -> &Path {
         &self.file
+    }
+
+    pub fn pattern(&self) -> &Arc<KeyPattern> {
+        &self.pattern
     }
 }
 

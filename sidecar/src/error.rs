@@ -29,6 +29,26 @@ pub enum ProxyError {
     NoEndpointSelected,
     #[error("Invalid URL ({method} {path}).")]
     UnknownRoute { method: String, path: String },
+    #[error("Invalid URL ({method} {path}): {reason}. llmesh refuses paths that could leave the endpoint's base URL.")]
+    InvalidPath {
+        method: String,
+        path: String,
+        reason: crate::proxy::PathError,
+    },
+    #[error("'model' must be a string naming a model or an endpoint, not {0}.")]
+    ModelNotAString(&'static str),
+    #[error("llmesh does not serve Anthropic's Messages API ({route}) yet{}. Call it with the OpenAI SDK at http://127.0.0.1:4000/v1 instead.", endpoint.as_ref().map(|e| format!("; endpoint '{e}' speaks OpenAI's API")).unwrap_or_default())]
+    AnthropicApiNotServed {
+        route: String,
+        endpoint: Option<String>,
+    },
+    #[error("Endpoint '{endpoint}' ({provider}) does not serve {route}: {detail}")]
+    RouteNotServed {
+        endpoint: String,
+        provider: &'static str,
+        route: String,
+        detail: String,
+    },
     #[error("The mock provider does not implement {0}.")]
     NotImplementedByMock(String),
     #[error("Endpoint '{endpoint}' has no usable credential: {source}")]
@@ -59,12 +79,17 @@ pub enum ProxyError {
     },
     #[error("Endpoint '{endpoint}' shares its rate limits through Redis, which is unreachable, and is configured to fail closed.")]
     SharedLimiterUnavailable { endpoint: String },
-    #[error("Endpoint '{endpoint}' is failing and its circuit breaker is open; it will be tried again in {}.", human_wait(*retry_after))]
+    #[error("Endpoint '{endpoint}' is failing{} and its circuit breaker is open; it will be tried again in {}.", cause.map(|c| format!(" (its upstream {c})")).unwrap_or_default(), human_wait(*retry_after))]
     CircuitOpen {
         endpoint: String,
         retry_after: Duration,
+        /// What the failures that opened it were, e.g. "timed out".
+        cause: Option<&'static str>,
     },
 }
+
+/// The longest `Retry-After` given with `circuit_open`.
+const CIRCUIT_RETRY_HINT: Duration = Duration::from_secs(1);
 
 /// "3s", "250ms", rounded up so that waiting that long is always enough.
 fn human_wait(wait: Duration) -> String {
@@ -95,11 +120,15 @@ impl ProxyError {
             Self::MalformedJson(_)
             | Self::BodyNotAnObject
             | Self::BodyRead(_)
-            | Self::NoEndpointSelected => StatusCode::BAD_REQUEST,
+            | Self::NoEndpointSelected
+            | Self::InvalidPath { .. }
+            | Self::ModelNotAString(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownModel(_)
             | Self::UnknownEndpoint(_)
             | Self::UnknownRoute { .. }
+            | Self::RouteNotServed { .. }
+            | Self::AnthropicApiNotServed { .. }
             | Self::NotImplementedByMock(_) => StatusCode::NOT_FOUND,
             Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable { .. }
@@ -117,9 +146,11 @@ impl ProxyError {
     /// OpenAI SDKs honour).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after, .. } | Self::CircuitOpen { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            // Not the whole cooldown: SDKs sleep for what they are told before each of their
+            // retries (30 s twice, with the defaults), only to meet the same open circuit.
+            // A short hint lets them fail fast, or find it closed if it was about to close.
+            Self::CircuitOpen { retry_after, .. } => Some((*retry_after).min(CIRCUIT_RETRY_HINT)),
             Self::SharedLimiterUnavailable { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -147,6 +178,11 @@ impl ProxyError {
             Self::UnknownEndpoint(_) => "endpoint_not_found",
             Self::NoEndpointSelected => "model_required",
             Self::UnknownRoute { .. } => "unknown_url",
+            Self::InvalidPath { .. } => "invalid_path",
+            Self::ModelNotAString(_) => "invalid_type",
+            Self::RouteNotServed { .. } | Self::AnthropicApiNotServed { .. } => {
+                "route_not_supported"
+            }
             Self::NotImplementedByMock(_) => "not_implemented",
             Self::CredentialUnavailable { .. } => "credential_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -161,13 +197,22 @@ impl ProxyError {
 
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::UnknownModel(_) | Self::NoEndpointSelected => Some("model"),
+            Self::UnknownModel(_) | Self::NoEndpointSelected | Self::ModelNotAString(_) => {
+                Some("model")
+            }
             _ => None,
         }
     }
 
-    /// The JSON error envelope.
+    /// The JSON error envelope: OpenAI's, or Anthropic's for Anthropic's routes.
     pub fn body(&self) -> Bytes {
+        if let Self::AnthropicApiNotServed { .. } = self {
+            let envelope = serde_json::json!({
+                "type": "error",
+                "error": {"type": "not_found_error", "message": self.to_string()},
+            });
+            return Bytes::from(envelope.to_string());
+        }
         let envelope = Envelope {
             error: ErrorBody {
                 message: self.to_string(),

@@ -10,9 +10,12 @@ pub mod metrics;
 pub mod otlp;
 pub mod provider;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod resilience;
 pub mod server;
 pub mod snapshot;
 pub mod trace;
 pub mod upstream_client;
+pub mod wait;
+

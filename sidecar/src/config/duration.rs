@@ -14,6 +14,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The grammar of a [`Duration`], shared by the parser and the published schema.
 pub const DURATION_PATTERN: &str = "^[0-9]+(ms|s|m|h)$";
 
+/// The longest duration accepted: 30 days, far above any timeout or cooldown, and small
+/// enough that adding it to any instant cannot overflow.
+const MAX_MILLIS: u64 = 30 * 24 * 3_600_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Duration(StdDuration);
 
@@ -42,7 +46,7 @@ impl From<Duration> for StdDuration {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {0:?}: expected a whole number followed by ms, s, m or h (e.g. \"30s\")")]
+#[error("invalid duration {0:?}: expected a whole number followed by ms, s, m or h (e.g. \"30s\"), at most 720h")]
 pub struct ParseDurationError(String);
 
 impl FromStr for Duration {
@@ -63,7 +67,10 @@ impl FromStr for Duration {
             "h" => 3_600_000,
             _ => return Err(invalid()),
         };
-        let ms = n.checked_mul(ms_per_unit).ok_or_else(invalid)?;
+        let ms = n
+            .checked_mul(ms_per_unit)
+            .filter(|ms| *ms <= MAX_MILLIS)
+            .ok_or_else(invalid)?;
         Ok(Self::from_millis(ms))
     }
 }
@@ -123,6 +130,7 @@ mod tests {
         assert_eq!("5m".parse(), Ok(Duration::from_secs(300)));
         assert_eq!("2h".parse(), Ok(Duration::from_secs(7200)));
         assert_eq!("0s".parse(), Ok(Duration::from_millis(0)));
+        assert_eq!("720h".parse(), Ok(Duration::from_secs(30 * 24 * 3600)));
     }
 
     #[test]
@@ -138,6 +146,8 @@ mod tests {
             "30sec",
             "1d",
             "99999999999999999999h",
+            "721h",
+            "5124095576030431h",
         ] {
             assert!(
                 bad.parse::<Duration>().is_err(),

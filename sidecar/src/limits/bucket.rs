@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::wait;
+
 #[derive(Debug, Clone)]
 pub struct Bucket {
     capacity: f64,
@@ -30,15 +32,16 @@ impl Bucket {
         self.updated = now;
     }
 
-    /// How long until `cost` may be taken (zero: now). A cost above the capacity waits for a
-    /// full bucket and then drives it negative, so one huge request is slow, not impossible.
+    /// How long until `cost` may be taken (zero: now), at most [`wait::MAX_WAIT`]. A cost
+    /// above the capacity waits for a full bucket and then drives it negative, so one huge
+    /// request is slow, not impossible.
     pub fn wait(&mut self, cost: f64, now: Instant) -> Duration {
         self.refill(now);
         let needed = cost.min(self.capacity);
         if self.level >= needed {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64((needed - self.level) / self.per_second)
+            wait::from_secs_f64((needed - self.level) / self.per_second).unwrap_or(wait::MAX_WAIT)
         }
     }
 
@@ -86,6 +89,16 @@ mod tests {
         assert_eq!(b.wait(1000.0, later), Duration::ZERO);
         b.take(1000.0);
         assert_eq!(b.wait(1.0, later), Duration::from_secs_f64(401.0 / 10.0));
+    }
+
+    #[test]
+    fn a_debt_beyond_any_wait_is_capped_not_a_panic() {
+        let start = Instant::now();
+        let mut b = Bucket::per_minute(100.0, start);
+        b.take(1.8e19);
+        assert_eq!(b.wait(1.0, start), wait::MAX_WAIT);
+        b.give_back(f64::MAX, start);
+        assert_eq!(b.wait(1.0, start), Duration::ZERO);
     }
 
     #[test]

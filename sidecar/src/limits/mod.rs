@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{LimitScope, LimitsConfig, RedisFailurePolicy};
+use crate::wait;
 use bucket::Bucket;
 use global::{Dim, SharedBudget};
 
@@ -249,10 +250,10 @@ impl Limiter {
         reservation: Reservation,
         deadline: Instant,
     ) -> Result<Permit, LimitError> {
-        let tokens = reservation.prompt + reservation.output;
+        let tokens = reservation.prompt.saturating_add(reservation.output);
         let prompt = reservation.prompt;
         let now = Instant::now();
-        let give_up_at = (now + self.config.queue_timeout.get()).min(deadline);
+        let give_up_at = wait::after(now, self.config.queue_timeout.get()).min(deadline);
         let ticket = {
             let mut state = self.lock();
             if state.queue.is_empty() {
@@ -268,7 +269,7 @@ impl Limiter {
                             self.start_lease(&mut state, dim, tokens);
                         }
                         // A wait that is already known to outlast the queue is refused now.
-                        if let Some(after) = after.filter(|a| now + *a > give_up_at) {
+                        if let Some(after) = after.filter(|a| wait::after(now, *a) > give_up_at) {
                             return Err(self.rate_limited(limit, after));
                         }
                     }
@@ -315,7 +316,7 @@ impl Limiter {
                             if let Some(dim) = lease {
                                 self.start_lease(&mut state, dim, tokens);
                             }
-                            after.map(|a| now + a)
+                            after.map(|a| wait::after(now, a))
                         }
                     }
                 } else {
@@ -504,7 +505,8 @@ impl Limiter {
                         Ok(grant) => {
                             pool.units += grant.granted;
                             pool.lease_again_at = (grant.granted < want).then(|| {
-                                Instant::now() + grant.retry_after.max(Duration::from_millis(5))
+                                let pause = wait::clamp(grant.retry_after);
+                                wait::after(Instant::now(), pause.max(Duration::from_millis(5)))
                             });
                         }
                         Err(_) => pool.lease_again_at = None,
@@ -594,11 +596,12 @@ impl Limiter {
                 .ok()?
                 .trim()
                 .parse::<f64>()
-                .ok()?;
+                .ok()
+                .filter(|r| r.is_finite())?;
             let reset = headers.get(reset)?.to_str().ok().and_then(parse_reset)?;
             Some(Allowance {
                 remaining,
-                reset_at: now + reset,
+                reset_at: wait::after(now, reset),
             })
         };
         let requests = read(&REMAINING_REQUESTS, &RESET_REQUESTS);
@@ -672,10 +675,11 @@ fn slice(per_minute: f64) -> f64 {
 }
 
 /// OpenAI's reset durations: `1s`, `6m0s`, `20ms`, `1h2m3.5s`; a bare number is seconds.
+/// At most [`wait::MAX_WAIT`], whatever the provider sends.
 pub fn parse_reset(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        return wait::from_secs_f64(seconds);
     }
     let mut total = 0.0;
     let mut rest = value;
@@ -698,7 +702,7 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
         total += number * factor;
         rest = &rest[unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    wait::from_secs_f64(total)
 }
 
 /// A waiter's place in the queue; leaving early (timeout, the app went away) gives it up.
@@ -745,7 +749,7 @@ impl Permit {
         let used = match (usage, streamed_chunks) {
             (Some(used), _) => Some(used),
             _ if !success => Some(0),
-            (None, Some(chunks)) => Some(self.prompt_tokens + chunks),
+            (None, Some(chunks)) => Some(self.prompt_tokens.saturating_add(chunks)),
             (None, None) => None,
         };
         self.settle(used);
@@ -764,3 +768,4 @@ impl Drop for Permit {
 
 #[cfg(test)]
 mod tests;
+

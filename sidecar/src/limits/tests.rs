@@ -251,11 +251,65 @@ fn reset_durations_in_openai_format() {
     assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
     assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
     assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
-    assert_eq!(
-        parse_reset("1h2m3.5s"),
-        Some(Duration::from_secs_f64(3723.5))
-    );
+    assert_eq!(parse_reset("2m3.5s"), Some(Duration::from_secs_f64(123.5)));
     assert_eq!(parse_reset("7"), Some(Duration::from_secs(7)));
     assert_eq!(parse_reset("soon"), None);
     assert_eq!(parse_reset("5x"), None);
+    assert_eq!(parse_reset("NaN"), None);
+    assert_eq!(parse_reset("-1"), None);
+}
+
+#[test]
+fn reset_durations_that_would_overflow_are_capped() {
+    let huge_digits = "9".repeat(400);
+    for huge in [
+        "1h2m3.5s",
+        "1e300",
+        "inf",
+        "9300000000000000000",
+        "18446744073709551616s",
+        huge_digits.as_str(),
+        &format!("{huge_digits}h"),
+    ] {
+        assert_eq!(parse_reset(huge), Some(crate::wait::MAX_WAIT), "{huge}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hostile_reset_headers_tighten_admission_without_a_panic() {
+    let limiter = Limiter::new("chat", &LimitsConfig::default());
+    for (remaining, reset) in [("0", "1e300"), ("0", "9300000000000000000"), ("NaN", "1s")] {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-ratelimit-remaining-requests", remaining.parse().unwrap());
+        headers.insert("x-ratelimit-reset-requests", reset.parse().unwrap());
+        limiter.observe_upstream(&headers);
+    }
+    // The provider said 0 requests are left for "forever": capped, so a request waits
+    // (and times out at its deadline) instead of crashing the process.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let refused = limiter.acquire(1, deadline).await;
+    assert!(matches!(refused, Err(LimitError::RateLimited { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_max_tokens_cannot_wedge_or_crash_the_limiter() {
+    let config = LimitsConfig {
+        tokens_per_minute: Some(100),
+        ..LimitsConfig::default()
+    };
+    let limiter = Limiter::new("chat", &config);
+    let huge = Reservation {
+        prompt: 10,
+        output: 18_000_000_000_000_000_000,
+    };
+    let permit = limiter.acquire_for(huge, far()).await.unwrap();
+    // Another request behind it is told a bounded wait instead of overflowing an Instant.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    match limiter.acquire(1, deadline).await {
+        Err(LimitError::RateLimited { retry_after, .. }) => {
+            assert!(retry_after <= crate::wait::MAX_WAIT)
+        }
+        other => panic!("expected a 429, got {:?}", other.map(|_| ())),
+    }
+    permit.settle(Some(20));
 }

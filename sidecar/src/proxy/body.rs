@@ -14,10 +14,13 @@ use tokio::time::{Instant, Sleep};
 
 use super::log::{Outcome, RequestLog};
 use super::usage::UsageTap;
+use super::usage_strip::UsageChunkStripper;
 use crate::error::ProxyError;
 use crate::limits::Permit;
 use crate::metrics::TokenCount;
 use crate::provider::mock::MockStream;
+use crate::redact::BodyRedactor;
+use crate::wait;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -43,6 +46,7 @@ pub struct ResponseBody {
     /// it: it has both ids as fields, and formatting the span into it again cost more than
     /// the rest of the line.
     span: tracing::Span,
+    strip_usage: Option<UsageChunkStripper>,
 }
 
 /// A model call's response: its `usage` is read as it passes, and settles the call's
@@ -51,21 +55,25 @@ pub struct Accounting {
     pub tap: UsageTap,
     pub permit: Option<Permit>,
     pub success: bool,
+    /// Set when the sidecar asked the upstream for usage the app did not ask for.
+    pub strip_usage: Option<UsageChunkStripper>,
 }
 
 impl ResponseBody {
     pub fn new(
         kind: BodyKind,
         mut log: RequestLog,
-        accounting: Option<Accounting>,
+        mut accounting: Option<Accounting>,
         span: tracing::Span,
     ) -> Self {
         log.streamed = accounting.as_ref().is_some_and(|a| a.tap.is_sse());
+        let strip_usage = accounting.as_mut().and_then(|a| a.strip_usage.take());
         Self {
             kind,
             log,
             accounting,
             span,
+            strip_usage,
         }
     }
 
@@ -105,8 +113,19 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // Dropped before its end: hyper gave up on the connection, i.e. the app went away.
-        self.finish(Outcome::ClientDisconnected);
+        // Dropped before its end: hyper gave up on the connection. Unless the stream's final
+        // event had already passed (SDKs close as soon as they read `[DONE]`, sometimes
+        // before the upstream's end of body arrives), the app went away.
+        let completed = self
+            .accounting
+            .as_ref()
+            .is_some_and(|a| a.tap.stream_ended());
+        let outcome = if completed {
+            Outcome::Completed
+        } else {
+            Outcome::ClientDisconnected
+        };
+        self.finish(outcome);
     }
 }
 
@@ -119,35 +138,57 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = match &mut this.kind {
-            BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
-                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(|never| match never {}))),
-                Poll::Pending => Poll::Pending,
-            },
-            BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
-        };
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                if this.log.first_chunk_after.is_none() && !data.is_empty() {
-                    this.log.first_chunk_after = Some(this.log.started.elapsed());
-                }
-                if let Some(accounting) = &mut this.accounting {
-                    accounting.tap.observe(data);
+        loop {
+            let polled = match &mut this.kind {
+                BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+                BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        Poll::Ready(frame.map(|f| f.map_err(|never| match never {})))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+                BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
+            };
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                if let Some(data) = frame.data_ref() {
+                    if this.log.first_chunk_after.is_none() && !data.is_empty() {
+                        this.log.first_chunk_after = Some(this.log.started.elapsed());
+                    }
+                    if let Some(accounting) = &mut this.accounting {
+                        accounting.tap.observe(data);
+                    }
                 }
             }
+            // The usage chunk the sidecar asked for is taken out after the tap has read it.
+            let polled = match (polled, &mut this.strip_usage) {
+                (Poll::Ready(Some(Ok(frame))), Some(strip)) => match frame.into_data() {
+                    Ok(data) => {
+                        let kept = strip.filter(data);
+                        if kept.is_empty() && !this.kind_is_end_stream() {
+                            continue;
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(kept))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                (Poll::Ready(None), Some(strip)) => match strip.finish() {
+                    Some(rest) => Poll::Ready(Some(Ok(Frame::data(rest)))),
+                    None => Poll::Ready(None),
+                },
+                (polled, _) => polled,
+            };
+            let ended = match &polled {
+                Poll::Ready(None | Some(Err(_))) => true,
+                // hyper stops polling once a body says it is at its end, so record it now.
+                Poll::Ready(Some(Ok(_))) => this.kind_is_end_stream(),
+                Poll::Pending => false,
+            };
+            if ended {
+                let outcome = this.ended_outcome();
+                this.finish(outcome);
+            }
+            return polled;
         }
-        let ended = match &polled {
-            Poll::Ready(None | Some(Err(_))) => true,
-            // hyper stops polling once a body says it is at its end, so record it now.
-            Poll::Ready(Some(Ok(_))) => this.kind_is_end_stream(),
-            Poll::Pending => false,
-        };
-        if ended {
-            let outcome = this.ended_outcome();
-            this.finish(outcome);
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -197,6 +238,8 @@ pub struct UpstreamBody {
     timer: Pin<Box<Sleep>>,
     /// The last bytes forwarded, to know whether a partial SSE event must be closed first.
     tail: [u8; 2],
+    /// Masks the endpoint's key if the upstream echoes it.
+    redactor: Option<BodyRedactor>,
     finished: bool,
     failure: Option<Outcome>,
 }
@@ -209,8 +252,9 @@ impl UpstreamBody {
         idle: Duration,
         deadline: Instant,
         total_limit: Duration,
+        redactor: Option<BodyRedactor>,
     ) -> Self {
-        let first_alarm = (Instant::now() + idle).min(deadline);
+        let first_alarm = wait::after(Instant::now(), idle).min(deadline);
         Self {
             inner,
             endpoint: endpoint.to_string(),
@@ -220,13 +264,24 @@ impl UpstreamBody {
             total_limit,
             timer: Box::pin(tokio::time::sleep_until(first_alarm)),
             tail: *b"\n\n",
+            redactor,
             finished: false,
             failure: None,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished || self.inner.is_end_stream()
+        self.finished
+            || (self.inner.is_end_stream()
+                && self.redactor.as_ref().is_none_or(BodyRedactor::is_empty))
+    }
+
+    fn note_tail(&mut self, data: &[u8]) {
+        match data.len() {
+            0 => {}
+            1 => self.tail = [self.tail[1], data[0]],
+            n => self.tail = [data[n - 2], data[n - 1]],
+        }
     }
 
     fn fail(
@@ -263,47 +318,60 @@ impl Body for UpstreamBody {
         if this.finished {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    match data.len() {
-                        0 => {}
-                        1 => this.tail = [this.tail[1], data[0]],
-                        n => this.tail = [data[n - 2], data[n - 1]],
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let next_alarm = wait::after(Instant::now(), this.idle).min(this.deadline);
+                    this.timer.as_mut().reset(next_alarm);
+                    let frame = match (frame.into_data(), &mut this.redactor) {
+                        (Ok(data), Some(redactor)) => {
+                            let passed = redactor.filter(data);
+                            if passed.is_empty() {
+                                // All of it may be the start of the key: wait for more.
+                                continue;
+                            }
+                            Frame::data(passed)
+                        }
+                        (Ok(data), None) => Frame::data(data),
+                        (Err(frame), _) => frame,
+                    };
+                    if let Some(data) = frame.data_ref() {
+                        this.note_tail(data);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let error = ProxyError::UpstreamBrokeMidResponse {
+                        endpoint: this.endpoint.clone(),
+                        reason: super::forward::root_cause(&e),
+                    };
+                    this.fail(error, Outcome::UpstreamFailed)
+                }
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    match this.redactor.as_mut().and_then(BodyRedactor::finish) {
+                        Some(rest) => Poll::Ready(Some(Ok(Frame::data(rest)))),
+                        None => Poll::Ready(None),
                     }
                 }
-                let next_alarm = (Instant::now() + this.idle).min(this.deadline);
-                this.timer.as_mut().reset(next_alarm);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let error = ProxyError::UpstreamBrokeMidResponse {
-                    endpoint: this.endpoint.clone(),
-                    reason: super::forward::root_cause(&e),
-                };
-                this.fail(error, Outcome::UpstreamFailed)
-            }
-            Poll::Ready(None) => {
-                this.finished = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                Poll::Pending => {
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let (what, limit) = if Instant::now() >= this.deadline {
+                        ("finish the response", this.total_limit)
+                    } else {
+                        ("send the next chunk", this.idle)
+                    };
+                    let error = ProxyError::UpstreamTimeout {
+                        endpoint: this.endpoint.clone(),
+                        what,
+                        limit: crate::config::Duration::from_millis(limit.as_millis() as u64)
+                            .to_string(),
+                    };
+                    this.fail(error, Outcome::UpstreamTimedOut)
                 }
-                let (what, limit) = if Instant::now() >= this.deadline {
-                    ("finish the response", this.total_limit)
-                } else {
-                    ("send the next chunk", this.idle)
-                };
-                let error = ProxyError::UpstreamTimeout {
-                    endpoint: this.endpoint.clone(),
-                    what,
-                    limit: crate::config::Duration::from_millis(limit.as_millis() as u64)
-                        .to_string(),
-                };
-                this.fail(error, Outcome::UpstreamTimedOut)
-            }
+            };
         }
     }
 

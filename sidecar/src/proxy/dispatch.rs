@@ -25,6 +25,7 @@ use crate::resilience::breaker::Admission;
 use crate::resilience::retry::{self, RetryReason};
 use crate::snapshot::{Backend, Endpoint, Snapshot, Upstream};
 use crate::upstream_client::UpstreamRequestBody;
+use crate::wait;
 
 /// How the request body is sent on each attempt.
 pub enum CallBody<'a> {
@@ -32,6 +33,8 @@ pub enum CallBody<'a> {
     Json {
         bytes: &'a Bytes,
         json: &'a RequestJson<'a>,
+        /// Set `stream_options.include_usage` upstream (the app's stream lacks it).
+        ask_usage: bool,
     },
     /// No body (GET, DELETE, ...): safe to replay.
     Empty,
@@ -81,7 +84,7 @@ enum LastFailure {
 }
 
 pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
-    let deadline = Instant::now() + call.primary.config.timeouts.total.get();
+    let deadline = wait::after(Instant::now(), call.primary.config.timeouts.total.get());
     let plan: Vec<Arc<Endpoint>> = std::iter::once(Arc::clone(&call.primary))
         .chain(
             call.primary
@@ -103,10 +106,11 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
             break;
         }
         let resilience = &endpoint.resilience;
-        if let Admission::Rejected { retry_after } = resilience.breaker.admit() {
+        if let Admission::Rejected { retry_after, cause } = resilience.breaker.admit() {
             let error = ProxyError::CircuitOpen {
                 endpoint: endpoint.name().to_string(),
                 retry_after,
+                cause: cause.map(RetryReason::describe),
             };
             // An upstream answer from an earlier endpoint says more than "circuit open".
             if last.is_none() {
@@ -188,7 +192,11 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
                     }
                 },
             };
-            resilience.breaker.record(!reason.counts_against_breaker());
+            if reason.counts_against_breaker() {
+                resilience.breaker.record_failure(reason);
+            } else {
+                resilience.breaker.record(true);
+            }
             tracing::debug!(
                 endpoint = endpoint.name(),
                 attempt = attempts,
@@ -200,7 +208,7 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
             let retried = replayable
                 && retry_number + 1 < resilience.retry.max_attempts
                 // Never sleep past the deadline: the last error is the answer then.
-                && Instant::now() + wait < deadline
+                && wait::after(Instant::now(), wait) < deadline
                 && matches!(resilience.breaker.admit(), Admission::Allowed)
                 && withdraw_retry(endpoint);
             if let Some(metrics) = metrics {
@@ -241,8 +249,16 @@ async fn send_once(
     deadline: Instant,
 ) -> Result<Response<Incoming>, ProxyError> {
     let (body, content_length): (UpstreamRequestBody, Option<u64>) = match &mut call.body {
-        CallBody::Json { bytes, json } => {
-            let rewritten = Bytes::from(json.with_model(&endpoint.config.model, bytes.len()));
+        CallBody::Json {
+            bytes,
+            json,
+            ask_usage,
+        } => {
+            let rewritten = Bytes::from(json.with_model(
+                &endpoint.config.model,
+                *ask_usage,
+                bytes.len(),
+            ));
             let len = rewritten.len() as u64;
             (Either::Left(Full::new(rewritten)), Some(len))
         }
@@ -293,6 +309,13 @@ fn retry_reason(error: &ProxyError) -> Option<RetryReason> {
     }
 }
 
+/// An app's `max_tokens` is reserved up to this much per choice: more than any model generates,
+/// small enough that an absurd value (`18000000000000000000`) does not put the endpoint's
+/// token bucket into a debt nobody could wait out.
+const MAX_RESERVED_OUTPUT_PER_CHOICE: u64 = 1 << 20;
+/// OpenAI's own ceiling for `n`.
+const MAX_RESERVED_CHOICES: u64 = 128;
+
 /// Tokens the request reserves: its counted prompt plus what it may generate when the
 /// endpoint limits tokens, else a cheap size-based estimate (enough for the provider's
 /// remaining-tokens hint).
@@ -315,7 +338,8 @@ async fn reservation(
     let output = parsed
         .max_output
         .unwrap_or(u64::from(limiter.default_max_tokens()))
-        * parsed.choices;
+        .min(MAX_RESERVED_OUTPUT_PER_CHOICE)
+        .saturating_mul(parsed.choices.min(MAX_RESERVED_CHOICES));
     Reservation {
         prompt: parsed.count(endpoint.resilience.encoding).await,
         output,

@@ -13,6 +13,7 @@ use crate::error::ProxyError;
 use crate::snapshot::{CredentialState, Endpoint, Upstream};
 use crate::trace::TRACEPARENT;
 use crate::upstream_client::{self, UpstreamRequestBody};
+use crate::wait;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// names under which apps and SDKs send keys: an app's own key never reaches a provider.
@@ -96,7 +97,8 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
     *request.headers_mut() = headers;
 
     let timeouts = &call.endpoint.config.timeouts;
-    let headers_deadline = (Instant::now() + timeouts.first_byte.get()).min(call.deadline);
+    let headers_deadline =
+        wait::after(Instant::now(), timeouts.first_byte.get()).min(call.deadline);
     let client = upstream_client::for_connect_timeout(timeouts.connect.get());
     let response = match tokio::time::timeout_at(headers_deadline, client.request(request)).await {
         Ok(Ok(response)) => response,
@@ -116,6 +118,9 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
     };
     let (mut parts, body) = response.into_parts();
     strip_response_headers(&mut parts.headers);
+    if let Some(credential) = credential {
+        credential.pattern().redact_headers(&mut parts.headers);
+    }
     Ok(Response::from_parts(parts, body))
 }
 

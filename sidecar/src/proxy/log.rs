@@ -38,6 +38,9 @@ const CLIENT_CLOSED: &str = "499";
 
 pub struct RequestLog {
     pub request_id: String,
+    /// The id sent upstream instead, when the app's is not a UUID (servers such as
+    /// llama.cpp's refuse any other).
+    pub upstream_request_id: Option<String>,
     pub trace: TraceContext,
     pub method: Method,
     pub path: String,
@@ -94,6 +97,7 @@ impl RequestLog {
         let operation = metrics::operation(path.strip_prefix("/v1").unwrap_or(""));
         Self {
             request_id,
+            upstream_request_id: None,
             trace,
             method,
             path,
@@ -136,6 +140,7 @@ impl RequestLog {
         let trace_id = self.trace.trace_id_hex();
         tracing::info!(
             request_id = %self.request_id,
+            upstream_request_id = self.upstream_request_id.as_deref(),
             trace_id = %trace_id,
             method = %self.method,
             path = %self.path,

@@ -9,7 +9,9 @@ mod dispatch;
 mod forward;
 mod json;
 mod log;
+mod path;
 mod usage;
+mod usage_strip;
 
 use std::sync::Arc;
 
@@ -28,13 +30,16 @@ use body::{Accounting, BodyKind, UpstreamBody};
 use dispatch::CallBody;
 use json::RequestJson;
 use log::{Observers, RequestLog};
+pub use path::PathError;
 use usage::UsageTap;
+use usage_strip::UsageChunkStripper;
 
 use crate::error::{ProxyError, JSON};
 use crate::metrics::Metrics;
 use crate::provider::mock::{self, MockResponse};
+use crate::redact::BodyRedactor;
 use crate::reload::SharedState;
-use crate::snapshot::{Backend, Endpoint, Snapshot};
+use crate::snapshot::{Backend, CredentialState, Endpoint, Snapshot};
 use crate::trace::TraceContext;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -45,6 +50,16 @@ pub static LLMESH_ATTEMPTS: HeaderName = HeaderName::from_static("x-llmesh-attem
 /// Response (429): which limit refused the request.
 pub static LLMESH_LIMIT: HeaderName = HeaderName::from_static("x-llmesh-limit");
 static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+/// Anthropic's Messages API, which the sidecar does not serve yet: answered in Anthropic's
+/// own error format, so that its SDKs show the message instead of a generic failure.
+const ANTHROPIC_ROUTES: &[&str] = &["/messages", "/messages/count_tokens", "/complete"];
+
+/// Error bodies read to tell "this server has no such route" from a real API error.
+const ROUTE_ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Routes whose streams carry usage only when asked (`stream_options.include_usage`).
+const USAGE_IN_STREAMS_ROUTES: &[&str] = &["/chat/completions", "/completions"];
 
 /// Routes whose JSON body is read to select the endpoint and rewrite `model`.
 const JSON_ROUTES: &[&str] = &[
@@ -73,9 +88,13 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
             spans: state.spans.clone(),
         },
     );
+    let upstream_request_id = upstream_request_id(&request_id);
+    if upstream_request_id != request_id {
+        log.upstream_request_id = upstream_request_id.to_str().ok().map(str::to_string);
+    }
     let snapshot = state.snapshot();
     let ids = CallIds {
-        request_id: &request_id,
+        request_id: &upstream_request_id,
         traceparent: trace.header_value(),
         metrics: state.metrics.as_deref(),
     };
@@ -113,6 +132,7 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
 
 /// What every upstream call of one app request carries.
 pub struct CallIds<'a> {
+    /// The id sent upstream: the app's, or a UUID standing for it.
     pub request_id: &'a HeaderValue,
     /// The app's trace continued under the sidecar's span.
     pub traceparent: HeaderValue,
@@ -183,6 +203,14 @@ async fn route(
     let Some(api_path) = path.strip_prefix("/v1").filter(|p| p.starts_with('/')) else {
         return Err(Failure::new(unknown_route(&request), None));
     };
+    if let Err(reason) = path::check(api_path) {
+        let error = ProxyError::InvalidPath {
+            method: request.method().to_string(),
+            path: path.to_string(),
+            reason,
+        };
+        return Err(Failure::new(error, None));
+    }
     let api_path = api_path.to_string();
     match (request.method(), api_path.as_str()) {
         (&Method::GET, "/models") => Ok(Served::local(json_response(
@@ -202,6 +230,17 @@ async fn route(
         (&Method::POST, p) if JSON_ROUTES.contains(&p) => {
             json_call(snapshot, request, &api_path, ids, log).await
         }
+        (&Method::POST, p) if ANTHROPIC_ROUTES.contains(&p) => {
+            let endpoint = endpoint_from_header(snapshot, request.headers())
+                .ok()
+                .flatten()
+                .or_else(|| snapshot.default_endpoint().cloned());
+            let error = ProxyError::AnthropicApiNotServed {
+                route: format!("POST /v1{p}"),
+                endpoint: endpoint.as_ref().map(|e| e.name().to_string()),
+            };
+            Err(Failure::new(error, endpoint))
+        }
         _ => passthrough(snapshot, request, &api_path, ids, log).await,
     }
 }
@@ -217,7 +256,7 @@ async fn json_call(
     log: &mut RequestLog,
 ) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
-    let by_header = endpoint_from_header(snapshot, &parts).map_err(|e| Failure::new(e, None))?;
+    let by_header = endpoint_from_header(snapshot, &parts.headers).map_err(|e| Failure::new(e, None))?;
     // Until the endpoint is known, accept up to the largest limit of any candidate.
     let read_limit = match &by_header {
         Some(e) => e.config.max_request_body_bytes,
@@ -232,7 +271,9 @@ async fn json_call(
         .await
         .map_err(|e| Failure::new(e, by_header.clone()))?;
     let json = RequestJson::parse(&bytes).map_err(|e| Failure::new(e, by_header.clone()))?;
-    let model = json.model();
+    let model = json
+        .model()
+        .map_err(|e| Failure::new(e, by_header.clone()))?;
     log.model = model.as_deref().map(str::to_string);
 
     let endpoint = match (by_header, model.as_deref()) {
@@ -260,6 +301,7 @@ async fn json_call(
         ));
     }
 
+    let ask_usage = USAGE_IN_STREAMS_ROUTES.contains(&api_path) && json.streams_without_usage();
     let outcome = dispatch::run(dispatch::Call {
         snapshot,
         primary: endpoint,
@@ -269,6 +311,7 @@ async fn json_call(
         body: CallBody::Json {
             bytes: &bytes,
             json: &json,
+            ask_usage,
         },
     })
     .await?;
@@ -308,11 +351,16 @@ async fn json_call(
                     tap: UsageTap::new(sse),
                     permit: Some(permit),
                     success: true,
+                    strip_usage: None,
                 }),
             })
         }
         dispatch::Outcome::Upstream(answer) => {
             log.endpoint = Some(Arc::clone(&answer.endpoint));
+            let answer = match route_missing_upstream(answer, &parts.method, api_path).await? {
+                Ok(answer) => answer,
+                Err(served) => return Ok(served),
+            };
             let success = answer.response.status().is_success();
             let (response, sse) =
                 upstream_response(answer.response, &answer.endpoint, answer.deadline);
@@ -324,6 +372,7 @@ async fn json_call(
                     tap: UsageTap::new(sse),
                     permit: answer.permit,
                     success,
+                    strip_usage: (ask_usage && sse).then(UsageChunkStripper::default),
                 }),
             })
         }
@@ -342,7 +391,7 @@ async fn passthrough(
 ) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
     let endpoint =
-        match endpoint_from_header(snapshot, &parts).map_err(|e| Failure::new(e, None))? {
+        match endpoint_from_header(snapshot, &parts.headers).map_err(|e| Failure::new(e, None))? {
             Some(e) => e,
             None => match snapshot.default_endpoint() {
                 Some(e) => Arc::clone(e),
@@ -393,6 +442,7 @@ async fn passthrough(
                     tap: UsageTap::new(false),
                     permit: Some(permit),
                     success: true,
+                    strip_usage: None,
                 }),
             })
         }
@@ -417,6 +467,15 @@ fn upstream_response(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     let timeouts = &endpoint.config.timeouts;
+    let redactor = match &endpoint.backend {
+        Backend::Upstream(upstream) => match &upstream.credential {
+            CredentialState::Loaded(credential) => {
+                Some(BodyRedactor::new(Arc::clone(credential.pattern())))
+            }
+            _ => None,
+        },
+        Backend::Mock(_) => None,
+    };
     let response = response.map(|body| {
         BodyKind::Upstream(UpstreamBody::new(
             body,
@@ -425,16 +484,107 @@ fn upstream_response(
             timeouts.idle.get(),
             deadline,
             timeouts.total.get(),
+            redactor,
         ))
     });
     (response, sse)
 }
 
+/// An upstream that answers 404 or 405 to a JSON route, with anything but an API error
+/// about the request (a model it does not know), lacks the route itself (a chat-only server
+/// asked for `/v1/responses`): the app is told so, naming the route and the endpoint,
+/// instead of getting the server's bare "Not Found".
+async fn route_missing_upstream(
+    answer: dispatch::Answer,
+    method: &Method,
+    api_path: &str,
+) -> Result<Result<dispatch::Answer, Served>, Failure> {
+    let status = answer.response.status();
+    if status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED {
+        return Ok(Ok(answer));
+    }
+    let dispatch::Answer {
+        response,
+        endpoint,
+        permit,
+        attempts,
+        deadline,
+    } = answer;
+    let (parts, body) = response.into_parts();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let body = Limited::new(body, ROUTE_ERROR_BODY_LIMIT).collect();
+    let body = match tokio::time::timeout(remaining, body).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Bytes::new(),
+    };
+    let body = match &endpoint.backend {
+        Backend::Upstream(upstream) => match &upstream.credential {
+            CredentialState::Loaded(credential) => {
+                let mut redactor = BodyRedactor::new(Arc::clone(credential.pattern()));
+                let mut masked = redactor.filter(body).to_vec();
+                masked.extend_from_slice(&redactor.finish().unwrap_or_default());
+                Bytes::from(masked)
+            }
+            _ => body,
+        },
+        Backend::Mock(_) => body,
+    };
+    let said = upstream_error_message(&body);
+    if said
+        .as_deref()
+        .is_some_and(|m| m.to_ascii_lowercase().contains("model"))
+    {
+        // An API error about the request: passed on unchanged, as every upstream error is.
+        let mut passed = Response::from_parts(parts, BodyKind::full(body));
+        passed.headers_mut().remove(header::TRANSFER_ENCODING);
+        return Ok(Err(Served {
+            response: passed,
+            endpoint: Some(endpoint),
+            attempts,
+            accounting: Some(Accounting {
+                tap: UsageTap::new(false),
+                permit,
+                success: false,
+                strip_usage: None,
+            }),
+        }));
+    }
+    let upstream_said = said
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+    let detail = format!(
+        "its upstream answered {} ({}). Send this request to an endpoint whose server has this API.",
+        status.as_u16(),
+        upstream_said.trim()
+    );
+    Err(Failure {
+        error: ProxyError::RouteNotServed {
+            endpoint: endpoint.name().to_string(),
+            provider: endpoint.config.provider.as_str(),
+            route: format!("{method} /v1{api_path}"),
+            detail,
+        },
+        endpoint: Some(endpoint),
+        attempts,
+    })
+}
+
+/// `error.message`, `error` as a string, `detail` or `message` of a JSON error body.
+fn upstream_error_message(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = value
+        .pointer("/error/message")
+        .or_else(|| value.get("error"))
+        .or_else(|| value.get("detail"))
+        .or_else(|| value.get("message"))?
+        .as_str()?;
+    Some(text.chars().take(200).collect())
+}
+
 fn endpoint_from_header(
     snapshot: &Snapshot,
-    parts: &Parts,
+    headers: &http::HeaderMap,
 ) -> Result<Option<Arc<Endpoint>>, ProxyError> {
-    let Some(value) = parts.headers.get(&LLMESH_ENDPOINT) else {
+    let Some(value) = headers.get(&LLMESH_ENDPOINT) else {
         return Ok(None);
     };
     let name = value.to_str().unwrap_or("");
@@ -474,12 +624,28 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
         .get(&REQUEST_ID)
         .filter(|v| (1..=128).contains(&v.len()) && v.to_str().is_ok())
         .cloned()
-        .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4();
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-                .unwrap_or(HeaderValue::from_static("-"))
-        })
+        .unwrap_or_else(new_request_id)
+}
+
+/// The app's request id if it is a UUID, else a new one: some servers (llama.cpp's) answer
+/// any other `x-request-id` with an empty 400. The app's own id stays in its response and
+/// in the log line, beside this one.
+fn upstream_request_id(app_id: &HeaderValue) -> HeaderValue {
+    let bytes = app_id.as_bytes();
+    let is_uuid =
+        bytes.len() == uuid::fmt::Hyphenated::LENGTH && uuid::Uuid::try_parse_ascii(bytes).is_ok();
+    if is_uuid {
+        app_id.clone()
+    } else {
+        new_request_id()
+    }
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Uuid::new_v4();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 fn unknown_route(request: &Request<Incoming>) -> ProxyError {

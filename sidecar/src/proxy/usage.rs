@@ -22,7 +22,7 @@ pub struct Usage {
 
 impl Usage {
     pub fn total(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
@@ -57,6 +57,9 @@ pub enum UsageTap {
         data_events: u64,
         usage: Option<Usage>,
         finish_reasons: Vec<String>,
+        /// The stream's last event passed (`[DONE]`, or the Responses API's
+        /// `response.completed`): an app closing the connection after it is done, not gone.
+        ended: bool,
     },
     Json {
         tail: Vec<u8>,
@@ -72,6 +75,7 @@ impl UsageTap {
                 data_events: 0,
                 usage: None,
                 finish_reasons: Vec::new(),
+                ended: false,
             }
         } else {
             Self::Json { tail: Vec::new() }
@@ -100,12 +104,13 @@ impl UsageTap {
                 data_events,
                 usage,
                 finish_reasons,
+                ended,
             } => {
                 let mut rest = data;
                 while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
                     if !*skipping_long_line {
                         line.extend_from_slice(&rest[..newline]);
-                        inspect_line(line, data_events, usage, finish_reasons);
+                        *ended |= inspect_line(line, data_events, usage, finish_reasons);
                     }
                     line.clear();
                     *skipping_long_line = false;
@@ -143,6 +148,11 @@ impl UsageTap {
         }
     }
 
+    /// Whether a stream's final event has passed.
+    pub fn stream_ended(&self) -> bool {
+        matches!(self, Self::Sse { ended: true, .. })
+    }
+
     /// Data events seen in a stream: one per generated chunk, a fair estimate of completion
     /// tokens when the stream carries no usage.
     pub fn streamed_chunks(&self) -> Option<u64> {
@@ -153,24 +163,25 @@ impl UsageTap {
     }
 }
 
+/// Reads one SSE line; true if it is the stream's final event.
 fn inspect_line(
     line: &[u8],
     data_events: &mut u64,
     usage: &mut Option<Usage>,
     finish_reasons: &mut Vec<String>,
-) {
+) -> bool {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(payload) = line.strip_prefix(b"data:") else {
-        return;
+        return false;
     };
     let payload = payload.trim_ascii_start();
     if payload == b"[DONE]" {
-        return;
+        return true;
     }
-    *data_events += 1;
+    *data_events = data_events.saturating_add(1);
     collect_finish_reasons(payload, finish_reasons);
     if !contains(payload, b"\"usage\"") {
-        return;
+        return false;
     }
     #[derive(Deserialize)]
     struct Event {
@@ -191,6 +202,7 @@ fn inspect_line(
             *usage = found;
         }
     }
+    contains(payload, b"\"type\":\"response.completed\"")
 }
 
 fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
@@ -331,3 +343,4 @@ mod tests {
         assert_eq!(tap.finish_reasons(), ["stop", "tool_calls"]);
     }
 }
+

@@ -2,17 +2,23 @@
 //! after `consecutiveFailures` failures in a row, then half-open for one probe attempt whose
 //! result closes or reopens it.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::retry::RetryReason;
 use crate::config::CircuitBreakerConfig;
+use crate::wait;
 
 pub struct CircuitBreaker {
     config: CircuitBreakerConfig,
     endpoint: String,
     state: Mutex<State>,
+    /// What the last failure was (a [`RetryReason`] code, 0 for none), so that an app turned
+    /// away is told why the endpoint was ejected.
+    last_failure: AtomicU8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,6 +42,8 @@ pub enum Admission {
     /// The circuit is open; it may let a probe through after this long.
     Rejected {
         retry_after: Duration,
+        /// What the failures that opened it were, when known.
+        cause: Option<RetryReason>,
     },
 }
 
@@ -45,7 +53,18 @@ impl CircuitBreaker {
             config,
             endpoint: endpoint.to_string(),
             state: Mutex::new(State::Closed { failures: 0 }),
+            last_failure: AtomicU8::new(0),
         }
+    }
+
+    /// A failed attempt that counts against the endpoint, with its reason.
+    pub fn record_failure(&self, reason: RetryReason) {
+        self.last_failure.store(reason.code(), Ordering::Relaxed);
+        self.record(false);
+    }
+
+    fn cause(&self) -> Option<RetryReason> {
+        RetryReason::from_code(self.last_failure.load(Ordering::Relaxed))
     }
 
     fn enabled(&self) -> bool {
@@ -66,10 +85,12 @@ impl CircuitBreaker {
             State::Closed { .. } => Admission::Allowed,
             State::Open { until } if now < until => Admission::Rejected {
                 retry_after: until - now,
+                cause: self.cause(),
             },
-            State::HalfOpen { probe_started } if now < probe_started + cooldown => {
+            State::HalfOpen { probe_started } if now < wait::after(probe_started, cooldown) => {
                 Admission::Rejected {
-                    retry_after: probe_started + cooldown - now,
+                    retry_after: wait::after(probe_started, cooldown) - now,
+                    cause: self.cause(),
                 }
             }
             State::Open { .. } | State::HalfOpen { .. } => {
@@ -90,7 +111,7 @@ impl CircuitBreaker {
         };
         let threshold = self.config.consecutive_failures;
         let open = State::Open {
-            until: Instant::now() + self.config.cooldown.get(),
+            until: wait::after(Instant::now(), self.config.cooldown.get()),
         };
         *state = match (*state, healthy) {
             (State::Closed { .. }, true) => State::Closed { failures: 0 },
@@ -150,7 +171,8 @@ mod tests {
         assert_eq!(
             b.admit(),
             Admission::Rejected {
-                retry_after: Duration::from_millis(1000)
+                retry_after: Duration::from_millis(1000),
+                cause: None,
             }
         );
 
@@ -175,7 +197,8 @@ mod tests {
         assert_eq!(
             b.admit(),
             Admission::Rejected {
-                retry_after: Duration::from_millis(500)
+                retry_after: Duration::from_millis(500),
+                cause: None,
             }
         );
     }
@@ -188,6 +211,20 @@ mod tests {
         assert_eq!(b.admit(), Admission::Allowed); // this probe never reports
         tokio::time::advance(Duration::from_millis(500)).await;
         assert_eq!(b.admit(), Admission::Allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_names_what_opened_the_circuit() {
+        let b = breaker(2, 500);
+        b.record_failure(RetryReason::ServerError);
+        b.record_failure(RetryReason::Timeout);
+        assert_eq!(
+            b.admit(),
+            Admission::Rejected {
+                retry_after: Duration::from_millis(500),
+                cause: Some(RetryReason::Timeout),
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, StatusCode};
 
 use crate::config::RetryConfig;
+use crate::wait;
 
 /// Why an attempt is retried; also the `reason` label of the retry metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,40 @@ impl RetryReason {
     pub fn counts_against_breaker(self) -> bool {
         self != Self::RateLimited
     }
+
+    /// What the endpoint did, for an app told that its circuit is open.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::RateLimited => "was rate limited (429)",
+            Self::ServerError => "answered with server errors (5xx)",
+            Self::ConnectFailed => "could not be reached",
+            Self::Reset => "closed connections before answering",
+            Self::Timeout => "timed out",
+        }
+    }
+
+    /// A compact code for atomics (0 is reserved for "none").
+    pub fn code(self) -> u8 {
+        match self {
+            Self::RateLimited => 1,
+            Self::ServerError => 2,
+            Self::ConnectFailed => 3,
+            Self::Reset => 4,
+            Self::Timeout => 5,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        [
+            Self::RateLimited,
+            Self::ServerError,
+            Self::ConnectFailed,
+            Self::Reset,
+            Self::Timeout,
+        ]
+        .into_iter()
+        .find(|r| r.code() == code)
+    }
 }
 
 /// The statuses worth another attempt: the provider is busy (429) or had a transient fault.
@@ -55,19 +90,21 @@ pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
 }
 
 /// The provider's requested wait: `retry-after-ms` (OpenAI, Azure) or `Retry-After` in
-/// seconds or as an HTTP date.
+/// seconds or as an HTTP date; at most [`wait::MAX_WAIT`], whatever the provider sends.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     if let Some(ms) = header_str(headers, "retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if let Some(wait) = wait::from_secs_f64(ms / 1000.0) {
+            return Some(wait);
         }
     }
     let value = header_str(headers, "retry-after")?;
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        return wait::from_secs_f64(seconds);
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(wait::clamp(
+        at.duration_since(now).unwrap_or(Duration::ZERO),
+    ))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -156,7 +193,23 @@ mod tests {
             Some(Duration::from_millis(250))
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
+        // Values that would overflow a Duration or an Instant are capped, never a panic.
+        for (name, huge) in [
+            ("retry-after", "10000000000000000000"),
+            ("retry-after", "1e300"),
+            ("retry-after", "inf"),
+            ("retry-after-ms", "1e300"),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[(name, huge)]), now),
+                Some(wait::MAX_WAIT),
+                "{name}: {huge}"
+            );
+        }
+        assert_eq!(retry_after(&headers(&[("retry-after", "NaN")]), now), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")]), now), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
     }
 }
+
