@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let admin_metrics = Arc::clone(&metrics);
     let admin = tokio::spawn(llmesh_sidecar::server::serve(
         admin_listener,
-        hyper::server::conn::http1::Builder::new(),
+        llmesh_sidecar::server::http1_only(),
         admin_stopped,
         Duration::from_secs(1),
         "admin",

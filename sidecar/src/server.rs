@@ -1,5 +1,8 @@
 //! Accept loops for the app and admin listeners, with graceful shutdown: stop accepting,
 //! let requests and streams in flight finish within the grace period.
+//!
+//! The app port serves HTTP/1.1 and, for clients that speak it with prior knowledge (h2c:
+//! gRPC-style clients, some SDK settings), HTTP/2; the first bytes of a connection tell which.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -59,11 +62,16 @@ pub async fn serve_app(
 ) {
     // No header timeout on the app port: it is loopback only, and SDK connection pools
     // legitimately keep idle connections open.
-    let builder = http1::Builder::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
     serve(listener, builder, shutdown, grace, "app", move |req| {
         crate::proxy::handle(Arc::clone(&state), req)
     })
     .await;
+}
+
+/// Connection settings for a listener that serves HTTP/1.1 alone.
+pub fn http1_only() -> auto::Builder<TokioExecutor> {
+    auto::Builder::new(TokioExecutor::new()).http1_only()
 }
 
 pub async fn serve_admin(
@@ -71,8 +79,11 @@ pub async fn serve_admin(
     state: Arc<SharedState>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = http1::Builder::new();
+    // HTTP/1.1 only: kubelet probes and Prometheus speak it, and the header timeout that
+    // guards this port (reachable from the pod network) against slow clients is HTTP/1's.
+    let mut builder = http1_only();
     builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(ADMIN_HEADER_TIMEOUT);
     serve(
@@ -86,11 +97,12 @@ pub async fn serve_admin(
     .await;
 }
 
-/// The accept loop behind every llmesh HTTP/1 listener: serves `handler` until `shutdown`
-/// changes, then lets open connections finish for up to `grace`.
+/// The accept loop behind every llmesh HTTP listener: serves `handler` until `shutdown`
+/// changes, then lets open connections finish for up to `grace`. `builder` sets the HTTP
+/// versions (`http1_only()` for HTTP/1.1 alone) and their settings.
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
-    builder: http1::Builder,
+    builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     name: &'static str,
@@ -102,6 +114,8 @@ pub async fn serve<F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Shared rather than cloned into each connection: a connection borrows it.
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -121,8 +135,12 @@ pub async fn serve<F, Fut, B>(
                     let response = handler(req);
                     async move { Ok::<_, Infallible>(response.await) }
                 });
-                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                // Subscribed before the task starts, so a shutdown signalled in between still
+                // reaches this connection.
+                let watcher = graceful.watcher();
+                let builder = Arc::clone(&builder);
                 tokio::spawn(async move {
+                    let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
                     if let Err(error) = connection.await {
                         tracing::debug!(listener = name, %error, "connection ended with an error");
                     }
