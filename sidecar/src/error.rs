@@ -64,6 +64,8 @@ pub enum ProxyError {
         "Endpoint '{endpoint}': upstream connection failed in the middle of the response: {reason}"
     )]
     UpstreamBrokeMidResponse { endpoint: String, reason: String },
+    #[error("Endpoint '{endpoint}': the llmesh sidecar is shutting down and its grace period ran out before the upstream finished.")]
+    ShutdownGraceOver { endpoint: String },
     #[error("Endpoint '{endpoint}': upstream did not {what} within {limit}.")]
     UpstreamTimeout {
         endpoint: String,
@@ -134,6 +136,7 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. }
             | Self::UpstreamReset { .. }
             | Self::UpstreamBrokeMidResponse { .. } => StatusCode::BAD_GATEWAY,
+            Self::ShutdownGraceOver { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::SharedLimiterUnavailable { .. } | Self::CircuitOpen { .. } => {
@@ -189,6 +192,7 @@ impl ProxyError {
             Self::UpstreamReset { .. } => "upstream_reset",
             Self::UpstreamBrokeMidResponse { .. } => "upstream_stream_broken",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::ShutdownGraceOver { .. } => "shutting_down",
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::SharedLimiterUnavailable { .. } => "rate_limiter_unavailable",
             Self::CircuitOpen { .. } => "circuit_open",

@@ -19,7 +19,8 @@ use llmesh_sidecar::snapshot::Snapshot;
 /// llmesh sidecar: point your OpenAI SDK at http://127.0.0.1:4000/v1 and it adds the
 /// provider's credentials, deadlines and streaming.
 #[derive(Parser, Debug)]
-#[command(name = "llmesh-sidecar", version)]
+// A flag given twice takes its last value, as in most servers (wrappers append overrides).
+#[command(name = "llmesh-sidecar", version, args_override_self = true)]
 struct Cli {
     /// A YAML file with the whole configuration.
     #[arg(long, env = "LLMESH_CONFIG", conflicts_with = "config_dir", required_unless_present_any = ["config_dir", "print_schema"])]

@@ -150,8 +150,18 @@ pub async fn serve<F, Fut, B>(
         }
     }
     drop(listener);
+    let all_finished = graceful.shutdown();
+    tokio::pin!(all_finished);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!(listener = name, "all connections finished"),
-        () = tokio::time::sleep(grace) => tracing::warn!(listener = name, grace = ?grace, "grace period over; closing connections still open"),
+        () = &mut all_finished => tracing::info!(listener = name, "all connections finished"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(listener = name, grace = ?grace, "grace period over; ending responses still open");
+            crate::drain::end_grace();
+            // Streams still open end with a final error event: a moment to write it.
+            let _ = tokio::time::timeout(FINAL_EVENT_TIME, &mut all_finished).await;
+        }
     }
 }
+
+/// How long responses still open when the grace period ends get to write their final event.
+const FINAL_EVENT_TIME: Duration = Duration::from_millis(200);

@@ -244,3 +244,49 @@ async fn sigterm_lets_streams_in_flight_finish_and_exits_zero() {
         .expect("the sidecar exited");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_stream_still_open_when_the_grace_period_ends_gets_a_final_error_event() {
+    let upstream = FakeUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "endpoints:\n  - {{name: chat, provider: openai-compatible, baseUrl: {}, model: m}}\n",
+            upstream.base_url()
+        ),
+    )
+    .unwrap();
+    // The harness passes --shutdown-grace 10s; the test's flag comes later and wins.
+    let mut sidecar = Sidecar::start_with(
+        dir,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--shutdown-grace",
+            "500ms",
+        ],
+    );
+    let mut response = stream_request(&sidecar, 100, 200).send().await.unwrap();
+    response.chunk().await.unwrap().expect("first chunk");
+    sidecar.signal_term();
+    let rest = read_chunks(response)
+        .await
+        .expect("the stream ended cleanly");
+    let events = events(&rest);
+    let last: Value =
+        serde_json::from_str(events.last().expect("events").trim_start_matches("data: ")).unwrap();
+    assert_eq!(last["error"]["code"], "shutting_down", "{events:?}");
+    assert!(
+        events.len() < 20,
+        "cut at the grace period: {}",
+        events.len()
+    );
+    let status = sidecar
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("the sidecar exited");
+    assert_eq!(status.code(), Some(0));
+    assert!(sidecar.logs().contains("shutdown_grace_over"));
+}

@@ -10,11 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::futures::Notified;
 use tokio::time::{Instant, Sleep};
 
 use super::log::{Outcome, RequestLog};
 use super::usage::UsageTap;
 use super::usage_strip::UsageChunkStripper;
+use crate::drain;
 use crate::error::ProxyError;
 use crate::limits::Permit;
 use crate::metrics::TokenCount;
@@ -240,6 +242,8 @@ pub struct UpstreamBody {
     tail: [u8; 2],
     /// Masks the endpoint's key if the upstream echoes it.
     redactor: Option<BodyRedactor>,
+    /// The shutdown grace period running out ends the response cleanly.
+    grace_ends: Pin<Box<Notified<'static>>>,
     finished: bool,
     failure: Option<Outcome>,
 }
@@ -265,6 +269,7 @@ impl UpstreamBody {
             timer: Box::pin(tokio::time::sleep_until(first_alarm)),
             tail: *b"\n\n",
             redactor,
+            grace_ends: Box::pin(drain::grace_ends()),
             finished: false,
             failure: None,
         }
@@ -355,6 +360,14 @@ impl Body for UpstreamBody {
                     }
                 }
                 Poll::Pending => {
+                    let grace_over =
+                        this.grace_ends.as_mut().poll(cx).is_ready() || drain::grace_over();
+                    if grace_over {
+                        let error = ProxyError::ShutdownGraceOver {
+                            endpoint: this.endpoint.clone(),
+                        };
+                        return this.fail(error, Outcome::ShutdownGraceOver);
+                    }
                     if this.timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }

@@ -254,11 +254,8 @@ async fn send_once(
             json,
             ask_usage,
         } => {
-            let rewritten = Bytes::from(json.with_model(
-                &endpoint.config.model,
-                *ask_usage,
-                bytes.len(),
-            ));
+            let rewritten =
+                Bytes::from(json.with_model(&endpoint.config.model, *ask_usage, bytes.len()));
             let len = rewritten.len() as u64;
             (Either::Left(Full::new(rewritten)), Some(len))
         }

@@ -83,9 +83,9 @@ impl<'a> RequestJson<'a> {
     /// A stream whose request did not ask for usage (`stream_options.include_usage`).
     pub fn streams_without_usage(&self) -> bool {
         self.get("stream").is_some_and(|v| v.get() == "true")
-            && !self
-                .get("stream_options")
-                .is_some_and(|raw| stream_options(raw).get("include_usage") == Some(&Value::Bool(true)))
+            && !self.get("stream_options").is_some_and(|raw| {
+                stream_options(raw).get("include_usage") == Some(&Value::Bool(true))
+            })
     }
 
     /// The body again, with every `model` field replaced and, with `ask_usage`,
@@ -171,8 +171,14 @@ mod tests {
         let cases = [
             (r#"{"model":"m","stream":true}"#, true),
             (r#"{"model":"m","stream":true,"stream_options":null}"#, true),
-            (r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#, true),
-            (r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#, false),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+                true,
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+                false,
+            ),
             (r#"{"model":"m","stream":false}"#, false),
             (r#"{"model":"m"}"#, false),
         ];
@@ -187,8 +193,12 @@ mod tests {
             }
         }
         let json = RequestJson::parse(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
-        let out: serde_json::Value = serde_json::from_slice(&json.with_model("up", true, 0)).unwrap();
-        assert_eq!(out["stream_options"], serde_json::json!({"x": 1, "include_usage": true}));
+        let out: serde_json::Value =
+            serde_json::from_slice(&json.with_model("up", true, 0)).unwrap();
+        assert_eq!(
+            out["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
     }
 
     #[test]

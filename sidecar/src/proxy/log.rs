@@ -19,6 +19,8 @@ pub enum Outcome {
     ClientDisconnected,
     UpstreamFailed,
     UpstreamTimedOut,
+    /// The sidecar's shutdown grace period ran out mid-response.
+    ShutdownGraceOver,
 }
 
 impl Outcome {
@@ -28,6 +30,7 @@ impl Outcome {
             Self::ClientDisconnected => "client_disconnected",
             Self::UpstreamFailed => "upstream_failed",
             Self::UpstreamTimedOut => "upstream_timed_out",
+            Self::ShutdownGraceOver => "shutdown_grace_over",
         }
     }
 }
@@ -168,6 +171,7 @@ impl RequestLog {
         let failed_mid_response = match outcome {
             Outcome::UpstreamFailed => Some("upstream_failed"),
             Outcome::UpstreamTimedOut => Some("upstream_timeout"),
+            Outcome::ShutdownGraceOver => Some("shutting_down"),
             Outcome::Completed | Outcome::ClientDisconnected => None,
         };
         let error_type = self.error_code.or(failed_mid_response).or_else(|| {

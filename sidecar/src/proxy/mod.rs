@@ -256,7 +256,8 @@ async fn json_call(
     log: &mut RequestLog,
 ) -> Result<Served, Failure> {
     let (parts, body) = request.into_parts();
-    let by_header = endpoint_from_header(snapshot, &parts.headers).map_err(|e| Failure::new(e, None))?;
+    let by_header =
+        endpoint_from_header(snapshot, &parts.headers).map_err(|e| Failure::new(e, None))?;
     // Until the endpoint is known, accept up to the largest limit of any candidate.
     let read_limit = match &by_header {
         Some(e) => e.config.max_request_body_bytes,
@@ -549,8 +550,8 @@ async fn route_missing_upstream(
             }),
         }));
     }
-    let upstream_said = said
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+    let upstream_said =
+        said.unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
     let detail = format!(
         "its upstream answered {} ({}). Send this request to an endpoint whose server has this API.",
         status.as_u16(),

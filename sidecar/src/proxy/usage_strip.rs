@@ -114,7 +114,10 @@ mod tests {
 
     #[test]
     fn the_usage_only_chunk_is_removed_and_nothing_else() {
-        assert_eq!(String::from_utf8(through(&[STREAM.as_bytes()])).unwrap(), EXPECTED);
+        assert_eq!(
+            String::from_utf8(through(&[STREAM.as_bytes()])).unwrap(),
+            EXPECTED
+        );
     }
 
     #[test]
@@ -125,7 +128,8 @@ mod tests {
 
     #[test]
     fn ordinary_frames_pass_without_a_copy() {
-        let frame = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
+        let frame =
+            Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
         let mut stripper = UsageChunkStripper::default();
         let out = stripper.filter(frame.clone());
         assert_eq!(out.as_ptr(), frame.as_ptr());

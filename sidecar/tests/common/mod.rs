@@ -40,8 +40,8 @@ impl Sidecar {
 
     /// Starts the sidecar with `args` (plus test ports and JSON logs); `dir` lives as long as it.
     pub fn start_with(dir: TempDir, args: &[&str]) -> Self {
+        // The test's own flags come last: a flag given twice takes its last value.
         let mut child = Command::new(BIN)
-            .args(args)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -54,6 +54,7 @@ impl Sidecar {
                 "--shutdown-grace",
                 "10s",
             ])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
