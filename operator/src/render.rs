@@ -429,7 +429,7 @@ limits:
         let err = render("Chat_1", &spec("{provider: mock, model: m}"), "dev").unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("environment dev: name: \"Chat_1\" is not a valid name"),
+                .starts_with("environment dev: name: is not a valid name"),
             "{err}"
         );
         let err = render(

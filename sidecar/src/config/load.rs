@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::validate::{validate, ValidationErrors};
+use super::yaml_error;
 use super::{EndpointConfig, SidecarConfig};
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,10 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The message is libyaml's, which is a fixed text and a position.
+    #[error("{path}: not valid YAML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// The message names the field and the kind of problem, never the value (see `yaml_error`).
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: no endpoint files (*.yaml, *.yml, *.json) found")]
@@ -177,9 +182,15 @@ fn endpoint_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 }
 
 fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, LoadError> {
-    serde_yaml_ng::from_slice(bytes).map_err(|e| LoadError::Parse {
+    // Syntax first, on its own: ignoring every value, only libyaml can fail, and its messages
+    // hold no input text. What fails after that is the types' doing, and is rewritten.
+    serde_yaml_ng::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| LoadError::Syntax {
         path: path.to_path_buf(),
         message: e.to_string(),
+    })?;
+    serde_yaml_ng::from_slice(bytes).map_err(|e| LoadError::Parse {
+        path: path.to_path_buf(),
+        message: yaml_error::describe(&e),
     })
 }
 

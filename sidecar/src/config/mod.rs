@@ -7,6 +7,7 @@ mod duration;
 mod load;
 mod resilience;
 mod validate;
+mod yaml_error;
 
 use std::path::PathBuf;
 

@@ -1,5 +1,7 @@
 //! Checks that serde cannot express: cross-field rules, uniqueness, URL and header syntax.
-//! Every error names the field (as a path such as `endpoints[1].timeouts.total`) and the value.
+//! Every error names the field (as a path such as `endpoints[1].timeouts.total`) and the
+//! problem. Numbers and durations are shown; strings never are, because a key pasted into the
+//! wrong field would otherwise be printed, and on hot reload logged.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -61,7 +63,7 @@ pub fn validate(config: &SidecarConfig) -> Result<(), ValidationErrors> {
         let at = format!("endpoints[{i}]");
         validate_endpoint(&mut c, &at, endpoint);
         if endpoint.default {
-            defaults.push(endpoint.name.as_str());
+            defaults.push(at.clone());
         }
         let keys = std::iter::once((format!("{at}.name"), endpoint.name.as_str())).chain(
             endpoint
@@ -74,7 +76,7 @@ pub fn validate(config: &SidecarConfig) -> Result<(), ValidationErrors> {
             if let Some(first) = claimed.get(key) {
                 c.fail(
                     field,
-                    format!("{key:?} is already used by {first}; names and aliases must be unique"),
+                    format!("is already used by {first}; names and aliases must be unique"),
                 );
             } else {
                 claimed.insert(key, field);
@@ -84,7 +86,10 @@ pub fn validate(config: &SidecarConfig) -> Result<(), ValidationErrors> {
     if defaults.len() > 1 {
         c.fail(
             "endpoints",
-            format!("at most one endpoint may have default: true, found {defaults:?}"),
+            format!(
+                "at most one endpoint may have default: true, found {}",
+                defaults.join(", ")
+            ),
         );
     }
     if c.errors.is_empty() {
@@ -98,10 +103,7 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
     if !is_dns_label(&e.name) {
         c.fail(
             format!("{at}.name"),
-            format!(
-                "{:?} is not a valid name: use 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
-                e.name
-            ),
+            "is not a valid name: use 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
         );
     }
     if e.model.trim().is_empty() {
@@ -109,10 +111,7 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
     }
     for (j, alias) in e.aliases.iter().enumerate() {
         if alias.trim().is_empty() || alias.len() > 256 {
-            c.fail(
-                format!("{at}.aliases[{j}]"),
-                format!("{alias:?} must be 1 to 256 characters"),
-            );
+            c.fail(format!("{at}.aliases[{j}]"), "must be 1 to 256 characters");
         }
     }
     if e.max_request_body_bytes == 0 {
@@ -138,14 +137,12 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
         }
     }
     if let Some(cred) = &e.credential {
-        if cred.file.as_os_str().is_empty() {
-            c.fail(format!("{at}.credential.file"), "must not be empty");
-        }
+        check_secret_file(c, format!("{at}.credential.file"), &cred.file);
         if let Some(header) = &cred.header {
             if HeaderName::from_bytes(header.as_bytes()).is_err() {
                 c.fail(
                     format!("{at}.credential.header"),
-                    format!("{header:?} is not a valid HTTP header name"),
+                    "is not a valid HTTP header name (the name only, e.g. x-api-key)",
                 );
             }
         }
@@ -217,21 +214,13 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
         );
     }
     for (j, fallback) in e.fallbacks.iter().enumerate() {
+        let field = format!("{at}.fallbacks[{j}]");
         if fallback == &e.name {
-            c.fail(
-                format!("{at}.fallbacks[{j}]"),
-                format!("{fallback:?} is this endpoint itself"),
-            );
-        } else if e.fallbacks[..j].contains(fallback) {
-            c.fail(
-                format!("{at}.fallbacks[{j}]"),
-                format!("{fallback:?} is listed twice"),
-            );
+            c.fail(field, "is this endpoint itself");
+        } else if let Some(first) = e.fallbacks[..j].iter().position(|f| f == fallback) {
+            c.fail(field, format!("is listed twice (also fallbacks[{first}])"));
         } else if !is_dns_label(fallback) {
-            c.fail(
-                format!("{at}.fallbacks[{j}]"),
-                format!("{fallback:?} is not a valid endpoint name"),
-            );
+            c.fail(field, "is not a valid endpoint name");
         }
     }
     if e.circuit_breaker.consecutive_failures > 0 && e.circuit_breaker.cooldown.is_zero() {
@@ -279,11 +268,10 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
                     format!("{at}.limits.redis.passwordFile"),
                     "the URL holds a password too; keep it in one place, the file",
                 ),
-                (Some(_), Some(file)) if file.as_os_str().is_empty() => c.fail(
-                    format!("{at}.limits.redis.passwordFile"),
-                    "must not be empty",
-                ),
-                (Some(_), _) => {}
+                (Some(_), Some(file)) => {
+                    check_secret_file(c, format!("{at}.limits.redis.passwordFile"), file)
+                }
+                (Some(_), None) => {}
             }
             if redis.timeout.is_zero() {
                 c.fail(
@@ -328,7 +316,7 @@ fn validate_provider_fields(c: &mut Collector, at: &str, e: &EndpointConfig) {
         ),
         (Some(url), _) => {
             if let Err(reason) = check_base_url(url) {
-                c.fail(format!("{at}.baseUrl"), format!("{url:?} {reason}"));
+                c.fail(format!("{at}.baseUrl"), reason);
             }
         }
         (None, _) => {}
@@ -361,7 +349,7 @@ fn validate_provider_fields(c: &mut Collector, at: &str, e: &EndpointConfig) {
                 {
                     c.fail(
                         format!("{at}.azure.deployment"),
-                        format!("{d:?} may contain only letters, digits, '-', '_' and '.'"),
+                        "may contain only letters, digits, '-', '_' and '.'",
                     );
                 }
             }
@@ -395,19 +383,43 @@ fn validate_provider_fields(c: &mut Collector, at: &str, e: &EndpointConfig) {
 }
 
 fn check_base_url(url: &str) -> Result<(), &'static str> {
+    // Looked for before parsing, so that a URL that is also malformed gets this message.
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if authority.contains('@') {
+        return Err(
+            "must not contain user info (user:password@); credentials go in credential.file",
+        );
+    }
     let uri: Uri = url.parse().map_err(|_| "is not a valid URL")?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => return Err("must start with http:// or https://"),
     }
-    let authority = uri.authority().ok_or("has no host")?;
-    if authority.as_str().contains('@') {
-        return Err("must not contain user info; put credentials in credential.file");
+    if uri.authority().is_none() {
+        return Err("has no host");
     }
     if uri.query().is_some() {
         return Err("must not contain a query string");
     }
     Ok(())
+}
+
+/// A file holding a secret is named by an absolute path (a mounted Secret key): a key written
+/// here by mistake, which would then be shown wherever the path is, fails this check.
+fn check_secret_file(c: &mut Collector, field: String, file: &std::path::Path) {
+    if file.as_os_str().is_empty() {
+        c.fail(field, "must not be empty");
+    } else if !file.is_absolute() {
+        c.fail(
+            field,
+            "must be an absolute path, to the file that holds the secret (never the secret itself)",
+        );
+    }
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -442,11 +454,11 @@ mod tests {
     }
 
     #[test]
-    fn names_the_field_and_value() {
+    fn names_the_field_and_the_problem() {
         let errs = errors("endpoints: [{name: Chat_1, provider: mock, model: m}]");
         assert_eq!(errs.len(), 1);
         assert!(
-            errs[0].starts_with("endpoints[0].name: \"Chat_1\""),
+            errs[0].starts_with("endpoints[0].name: is not a valid name"),
             "{errs:?}"
         );
     }
@@ -458,12 +470,13 @@ mod tests {
               - {name: a, provider: mock, model: m, aliases: [gpt-4o]}
               - {name: b, provider: mock, model: m, aliases: [gpt-4o, a]}",
         );
-        assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(errs[0].starts_with(
-            "endpoints[1].aliases[0]: \"gpt-4o\" is already used by endpoints[0].aliases[0]"
-        ));
-        assert!(errs[1]
-            .starts_with("endpoints[1].aliases[1]: \"a\" is already used by endpoints[0].name"));
+        assert_eq!(
+            errs,
+            vec![
+                "endpoints[1].aliases[0]: is already used by endpoints[0].aliases[0]; names and aliases must be unique",
+                "endpoints[1].aliases[1]: is already used by endpoints[0].name; names and aliases must be unique",
+            ]
+        );
     }
 
     #[test]
@@ -493,10 +506,14 @@ mod tests {
               - {name: b, provider: openai-compatible, model: m, baseUrl: 'https://user:pw@x/v1'}
               - {name: c, provider: openai-compatible, model: m, baseUrl: 'not a url'}",
         );
-        assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs[0].contains("must start with http"));
-        assert!(errs[1].contains("must not contain user info"));
-        assert!(errs[2].contains("is not a valid URL"));
+        assert_eq!(
+            errs,
+            vec![
+                "endpoints[0].baseUrl: must start with http:// or https://",
+                "endpoints[1].baseUrl: must not contain user info (user:password@); credentials go in credential.file",
+                "endpoints[2].baseUrl: is not a valid URL",
+            ]
+        );
     }
 
     #[test]
@@ -522,7 +539,7 @@ mod tests {
         );
         assert_eq!(
             errs,
-            vec!["endpoints: at most one endpoint may have default: true, found [\"a\", \"b\"]"]
+            vec!["endpoints: at most one endpoint may have default: true, found endpoints[0], endpoints[1]"]
         );
     }
 
@@ -555,8 +572,8 @@ mod tests {
             vec![
                 "endpoints[0].retry.maxAttempts: must be between 1 and 10 (got 0)",
                 "endpoints[0].retry.backoffBase: 1m is longer than retry.backoffMax (1s)",
-                "endpoints[0].fallbacks[0]: \"a\" is this endpoint itself",
-                "endpoints[0].fallbacks[2]: \"b\" is listed twice",
+                "endpoints[0].fallbacks[0]: is this endpoint itself",
+                "endpoints[0].fallbacks[2]: is listed twice (also fallbacks[1])",
                 "endpoints[0].circuitBreaker.cooldown: must be greater than 0 while the breaker is on",
                 "endpoints[0].limits.requestsPerMinute: must be at least 1; leave it out for no limit",
                 "endpoints[0].limits.redis: is required when limits.scope is global",
@@ -596,5 +613,65 @@ mod tests {
             ]
         );
         assert!(!errs.concat().contains("s3cret"));
+    }
+
+    /// A key written where a string is expected: every such field gets an error that names
+    /// it and does not repeat the key.
+    #[test]
+    fn a_key_in_any_string_field_is_never_repeated() {
+        const KEY: &str = "sk-proj-Zq81SecretKeyMaterial";
+        let hostile = [
+            ("name", format!("name: '{KEY}'")),
+            ("aliases[1]", format!("aliases: ['{KEY}', '{KEY}']")),
+            ("aliases[0]", format!("aliases: ['{KEY}{}']", "x".repeat(300))),
+            ("fallbacks[0]", format!("fallbacks: ['{KEY} x']")),
+            ("baseUrl", format!("baseUrl: 'https://user:{KEY}@api.example.com/v1'")),
+            ("baseUrl", format!("baseUrl: 'https://{KEY}@api.example.com/v1'")),
+            ("baseUrl", format!("baseUrl: '{KEY}:pw@host'")),
+            ("baseUrl", format!("baseUrl: 'https://user:{KEY} x@host/v1'")),
+            ("baseUrl", format!("baseUrl: 'https://host/v1?key={KEY}'")),
+            ("baseUrl", format!("baseUrl: '{KEY}'")),
+            ("credential.file", format!("credential: {{file: '{KEY}'}}")),
+            ("credential.header", format!("credential: {{file: /k, header: 'Bearer {KEY}'}}")),
+            ("azure.deployment", format!("azure: {{apiVersion: v, deployment: '{KEY}/x'}}")),
+            (
+                "limits.redis.passwordFile",
+                format!("limits: {{requestsPerMinute: 1, scope: global, redis: {{url: 'redis://h:1', passwordFile: '{KEY}'}}}}"),
+            ),
+            (
+                "limits.redis.url",
+                format!("limits: {{requestsPerMinute: 1, scope: global, redis: {{url: 'redis://:{KEY}@[h'}}}}"),
+            ),
+        ];
+        for (field, yaml) in hostile {
+            let rest = if field.starts_with("azure") {
+                "provider: azure-openai, baseUrl: 'https://r.example.com', credential: {file: /k}"
+            } else if field.starts_with("baseUrl") {
+                "provider: openai-compatible"
+            } else {
+                "provider: openai-compatible, baseUrl: 'http://h/v1'"
+            };
+            let name = if field == "name" { "" } else { "name: a, " };
+            let errs =
+                errors(&format!("endpoints: [{{{name}model: m, {rest}, {yaml}}}]")).join("; ");
+            assert!(!errs.contains("Zq81Secret"), "{field}: {errs}");
+            assert!(
+                errs.contains(&format!("endpoints[0].{field}: ")),
+                "{field} not named: {errs}"
+            );
+        }
+    }
+
+    #[test]
+    fn secret_files_are_absolute_paths() {
+        let errs = errors(
+            "endpoints:
+              - {name: a, provider: openai, model: m, credential: {file: keys/openai}}
+              - {name: b, provider: openai, model: m, credential: {file: /run/secrets/openai}}",
+        );
+        assert_eq!(
+            errs,
+            vec!["endpoints[0].credential.file: must be an absolute path, to the file that holds the secret (never the secret itself)"]
+        );
     }
 }
