@@ -295,9 +295,16 @@ async fn streamed_usage_comes_from_the_final_chunk_or_is_estimated_and_marked() 
         1.0
     );
 
+    // A server that sends no usage even when the sidecar asks for it (llama.cpp, some vLLM
+    // settings): estimated, and marked so.
     let mut without_usage = chat("chat");
     without_usage["stream"] = json!(true);
-    let r = post(&sidecar, without_usage, &[(directives::STREAM_CHUNKS, "5")]).await;
+    let r = post(
+        &sidecar,
+        without_usage,
+        &[(directives::STREAM_CHUNKS, "5"), (directives::NO_USAGE, "1")],
+    )
+    .await;
     r.text().await.unwrap();
     let s = scrape_until(&sidecar, |s| s.sum("llmesh_requests_total", &[]) == 2.0).await;
     assert_eq!(

@@ -73,8 +73,11 @@ async fn a_burst_of_503s_is_retried_with_the_same_body_and_request_id() {
     assert_eq!(attempts(&response), 3);
     let requests = upstream.requests();
     assert_eq!(requests.len(), 3);
+    // The app's id is not a UUID: every attempt carries the same UUID standing for it.
+    let upstream_id = requests[0].header("x-request-id").unwrap();
+    assert_ne!(upstream_id, "burst-1");
     for r in &requests {
-        assert_eq!(r.header("x-request-id"), Some("burst-1"));
+        assert_eq!(r.header("x-request-id"), Some(upstream_id));
         assert_eq!(r.json()["model"], "upstream-model");
         assert_eq!(r.body, requests[0].body);
     }
