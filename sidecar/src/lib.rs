@@ -20,3 +20,5 @@ pub mod trace;
 pub mod upstream_client;
 pub mod wait;
 
+#[cfg(test)]
+mod proptest_config;

@@ -265,3 +265,6 @@ mod tests {
         assert!(matches!(err, LoadError::EmptyDir { .. }));
     }
 }
+
+#[cfg(test)]
+mod proptests;

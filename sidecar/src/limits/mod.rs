@@ -769,3 +769,5 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod proptests;

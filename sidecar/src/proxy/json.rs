@@ -251,3 +251,5 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod proptests;

@@ -344,3 +344,5 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod proptests;

@@ -213,3 +213,5 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod proptests;
