@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use kube::CustomResource;
 use llmesh_sidecar::config::{
     AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, PriceConfig,
-    ProviderKind, RetryConfig,
+    ProviderKind, RetryConfig, HEADER_NAME_PATTERN,
 };
 use schemars::transform::RecursiveTransform;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -140,6 +140,11 @@ pub struct EndpointSettings {
     /// The model's price, for the sidecar's cost metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceConfig>,
+    /// App request headers not forwarded to the provider, on top of the credential and
+    /// hop-by-hop headers the sidecar always drops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(pattern(HEADER_NAME_PATTERN)))]
+    pub drop_request_headers: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

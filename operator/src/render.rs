@@ -183,6 +183,7 @@ pub fn render(
         .unwrap_or_default(),
         limits,
         price: settings.price,
+        drop_request_headers: settings.drop_request_headers.clone().unwrap_or_default(),
     };
     validate(&SidecarConfig {
         endpoints: vec![config.clone()],
@@ -444,6 +445,30 @@ limits:
                 environment: "dev".into(),
                 field: "model"
             }
+        );
+    }
+
+    #[test]
+    fn dropped_request_headers_reach_the_sidecar_and_are_checked_by_it() {
+        let r = render(
+            "chat",
+            &spec("{provider: mock, model: m, dropRequestHeaders: [X-Internal-Token]}"),
+            "dev",
+        )
+        .unwrap();
+        assert_eq!(r.config.drop_request_headers, ["X-Internal-Token"]);
+        assert!(r.yaml.contains("dropRequestHeaders:"), "{}", r.yaml);
+        let err = render(
+            "chat",
+            &spec("{provider: mock, model: m, dropRequestHeaders: ['x: y']}"),
+            "dev",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "environment dev: dropRequestHeaders[0]: is not a valid HTTP header name"
+            ),
+            "{err}"
         );
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use http::HeaderName;
 use sha2::{Digest, Sha256};
 
 use crate::config::{EndpointConfig, LoadedConfig, MockConfig};
@@ -35,6 +36,8 @@ pub enum Backend {
 pub struct Upstream {
     pub target: Target,
     pub credential: CredentialState,
+    /// `dropRequestHeaders`, parsed once here rather than on every request.
+    pub dropped_request_headers: Box<[HeaderName]>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +98,12 @@ impl Snapshot {
                 Some(target) => Backend::Upstream(Box::new(Upstream {
                     target,
                     credential: load_credential(config, previous_endpoint),
+                    // Validated at load, so none is skipped here.
+                    dropped_request_headers: config
+                        .drop_request_headers
+                        .iter()
+                        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                        .collect(),
                 })),
             };
             let resilience = match previous_endpoint {

@@ -83,7 +83,17 @@ pub struct EndpointConfig {
     /// reported for this endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceConfig>,
+    /// Headers of the app's requests that are not forwarded to this endpoint (names, in any
+    /// case), on top of those always dropped: hop-by-hop headers and the ones that carry
+    /// credentials (`authorization`, `proxy-authorization`, `api-key`, `x-api-key`,
+    /// `x-goog-api-key`, `ocp-apim-subscription-key`, `x-auth-token`, `cookie`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(HEADER_NAME_PATTERN)))]
+    pub drop_request_headers: Vec<String>,
 }
+
+/// An HTTP header name (RFC 9110 token), as the published schema states it.
+pub const HEADER_NAME_PATTERN: &str = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$";
 
 /// A model's list price in US dollars per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]

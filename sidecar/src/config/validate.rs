@@ -136,6 +136,14 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
             }
         }
     }
+    for (j, header) in e.drop_request_headers.iter().enumerate() {
+        if HeaderName::from_bytes(header.as_bytes()).is_err() {
+            c.fail(
+                format!("{at}.dropRequestHeaders[{j}]"),
+                "is not a valid HTTP header name (the name only, e.g. x-internal-token)",
+            );
+        }
+    }
     if let Some(cred) = &e.credential {
         check_secret_file(c, format!("{at}.credential.file"), &cred.file);
         if let Some(header) = &cred.header {
@@ -632,6 +640,7 @@ mod tests {
             ("baseUrl", format!("baseUrl: 'https://host/v1?key={KEY}'")),
             ("baseUrl", format!("baseUrl: '{KEY}'")),
             ("credential.file", format!("credential: {{file: '{KEY}'}}")),
+            ("dropRequestHeaders[1]", format!("dropRequestHeaders: [cookie, 'x-token: {KEY}']")),
             ("credential.header", format!("credential: {{file: /k, header: 'Bearer {KEY}'}}")),
             ("azure.deployment", format!("azure: {{apiVersion: v, deployment: '{KEY}/x'}}")),
             (

@@ -16,8 +16,9 @@ use crate::upstream_client::{self, UpstreamRequestBody};
 use crate::wait;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// names under which apps and SDKs send keys: an app's own key never reaches a provider.
-static DROPPED_REQUEST_HEADERS: [HeaderName; 14] = [
+/// names under which apps, SDKs and other providers' clients send keys and sessions: an app's
+/// own credential never reaches a provider. An endpoint's `dropRequestHeaders` adds to these.
+static DROPPED_REQUEST_HEADERS: [HeaderName; 18] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -34,6 +35,11 @@ static DROPPED_REQUEST_HEADERS: [HeaderName; 14] = [
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("api-key"),
     HeaderName::from_static("x-api-key"),
+    header::COOKIE,
+    // Google (Gemini), Azure API Management, and OpenStack-style gateways.
+    HeaderName::from_static("x-goog-api-key"),
+    HeaderName::from_static("ocp-apim-subscription-key"),
+    HeaderName::from_static("x-auth-token"),
 ];
 
 static DROPPED_RESPONSE_HEADERS: [HeaderName; 7] = [
@@ -81,7 +87,8 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
             reason: format!("cannot build the upstream URL: {e}"),
         })?;
 
-    let mut headers = upstream_request_headers(&call.parts.headers);
+    let mut headers =
+        upstream_request_headers(&call.parts.headers, &call.upstream.dropped_request_headers);
     if let Some(credential) = credential {
         headers.insert(credential.header().clone(), credential.value().clone());
     }
@@ -124,7 +131,7 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
     Ok(Response::from_parts(parts, body))
 }
 
-fn upstream_request_headers(app: &HeaderMap) -> HeaderMap {
+fn upstream_request_headers(app: &HeaderMap, also_dropped: &[HeaderName]) -> HeaderMap {
     // Headers the app lists in `Connection` are hop-by-hop too.
     let connection_listed: Vec<String> = app
         .get_all(header::CONNECTION)
@@ -137,6 +144,7 @@ fn upstream_request_headers(app: &HeaderMap) -> HeaderMap {
     for (name, value) in app {
         let name_str = name.as_str();
         let dropped = DROPPED_REQUEST_HEADERS.contains(name)
+            || also_dropped.contains(name)
             || name_str.starts_with("x-llmesh-")
             || connection_listed.iter().any(|c| c == name_str);
         if !dropped {
@@ -219,6 +227,11 @@ mod tests {
             ("authorization", "Bearer sk-app"),
             ("api-key", "app"),
             ("x-api-key", "app"),
+            ("cookie", "session=app"),
+            ("x-goog-api-key", "app"),
+            ("ocp-apim-subscription-key", "app"),
+            ("x-auth-token", "app"),
+            ("proxy-authorization", "Basic app"),
             ("connection", "keep-alive, x-private"),
             ("x-private", "1"),
             ("keep-alive", "timeout=5"),
@@ -232,12 +245,32 @@ mod tests {
         ] {
             app.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let out = upstream_request_headers(&app);
+        let out = upstream_request_headers(&app, &[]);
         let mut kept: Vec<_> = out.keys().map(|k| k.as_str()).collect();
         kept.sort();
         assert_eq!(
             kept,
             ["content-type", "openai-organization", "x-stainless-lang"]
         );
+    }
+
+    #[test]
+    fn drops_the_endpoints_own_list_too() {
+        let mut app = HeaderMap::new();
+        for (k, v) in [
+            ("x-internal-token", "t"),
+            ("x-tenant", "a"),
+            ("x-tenant", "b"),
+            ("content-type", "application/json"),
+        ] {
+            app.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let also = [
+            HeaderName::from_static("x-internal-token"),
+            HeaderName::from_static("x-tenant"),
+        ];
+        let out = upstream_request_headers(&app, &also);
+        let kept: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(kept, ["content-type"]);
     }
 }
