@@ -302,7 +302,10 @@ async fn streamed_usage_comes_from_the_final_chunk_or_is_estimated_and_marked() 
     let r = post(
         &sidecar,
         without_usage,
-        &[(directives::STREAM_CHUNKS, "5"), (directives::NO_USAGE, "1")],
+        &[
+            (directives::STREAM_CHUNKS, "5"),
+            (directives::NO_USAGE, "1"),
+        ],
     )
     .await;
     r.text().await.unwrap();
