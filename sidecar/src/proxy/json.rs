@@ -8,7 +8,6 @@ use std::fmt;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 use crate::error::ProxyError;
 
@@ -84,51 +83,71 @@ impl<'a> RequestJson<'a> {
     pub fn streams_without_usage(&self) -> bool {
         self.get("stream").is_some_and(|v| v.get() == "true")
             && !self.get("stream_options").is_some_and(|raw| {
-                stream_options(raw).get("include_usage") == Some(&Value::Bool(true))
+                RequestJson::parse(raw.get().as_bytes())
+                    .ok()
+                    .and_then(|options| options.get("include_usage"))
+                    .is_some_and(|v| v.get() == "true")
             })
     }
 
-    /// The body again, with every `model` field replaced and, with `ask_usage`,
-    /// `stream_options.include_usage` set; all other bytes are kept as sent.
+    /// The body again with `model` set to `model`, once (where the app's last `model` was,
+    /// else at the end: an endpoint chosen by header or as the default still gets its
+    /// model), and with `ask_usage`, `stream_options.include_usage` set. All other bytes are
+    /// kept as sent.
     pub fn with_model(&self, model: &str, ask_usage: bool, size_hint: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(size_hint + model.len() + 48);
+        let mut out = Vec::with_capacity(size_hint + model.len() + 64);
         out.push(b'{');
+        let last_model = self.fields.iter().rposition(|(k, _)| k == "model");
         let mut has_stream_options = false;
-        for (i, (key, value)) in self.fields.iter().enumerate() {
-            if i > 0 {
+        let mut first = true;
+        let mut field = |out: &mut Vec<u8>, key: &str| {
+            if !std::mem::take(&mut first) {
                 out.push(b',');
             }
-            write_json_string(&mut out, key);
+            write_json_string(out, key);
             out.push(b':');
+        };
+        for (i, (key, value)) in self.fields.iter().enumerate() {
             if key == "model" {
-                write_json_string(&mut out, model);
+                if Some(i) == last_model {
+                    field(&mut out, key);
+                    write_json_string(&mut out, model);
+                }
             } else if ask_usage && key == "stream_options" {
                 has_stream_options = true;
-                let mut options = stream_options(value);
-                options.insert("include_usage".to_string(), Value::Bool(true));
-                // Writing a map of JSON values into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut out, &options);
+                field(&mut out, key);
+                write_options_with_usage(&mut out, value);
             } else {
+                field(&mut out, key);
                 out.extend_from_slice(value.get().as_bytes());
             }
         }
+        if last_model.is_none() {
+            field(&mut out, "model");
+            write_json_string(&mut out, model);
+        }
         if ask_usage && !has_stream_options {
-            if !self.fields.is_empty() {
-                out.push(b',');
-            }
-            out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+            field(&mut out, "stream_options");
+            out.extend_from_slice(br#"{"include_usage":true}"#);
         }
         out.push(b'}');
         out
     }
 }
 
-/// `stream_options` as an object; anything else (null, a wrong type) counts as empty.
-fn stream_options(raw: &RawValue) -> serde_json::Map<String, Value> {
-    match serde_json::from_str::<Value>(raw.get()) {
-        Ok(Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
+/// `stream_options` with `include_usage: true`, its other options kept as sent; anything
+/// but an object (null, a wrong type) counts as empty.
+fn write_options_with_usage(out: &mut Vec<u8>, raw: &RawValue) {
+    out.push(b'{');
+    if let Ok(options) = RequestJson::parse(raw.get().as_bytes()) {
+        for (key, value) in options.fields.iter().filter(|(k, _)| k != "include_usage") {
+            write_json_string(out, key);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+            out.push(b',');
+        }
     }
+    out.extend_from_slice(br#""include_usage":true}"#);
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
