@@ -6,3 +6,4 @@ pub mod crd;
 pub mod lease;
 pub mod metrics;
 pub mod render;
+pub mod webhook;

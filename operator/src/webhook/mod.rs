@@ -1,0 +1,4 @@
+//! The admission webhook that injects the llmesh sidecar into the pods that ask for it.
+//! Every operator replica serves it, leader or not.
+
+pub mod inject;
