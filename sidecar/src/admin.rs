@@ -39,6 +39,10 @@ pub async fn handle<B>(state: Arc<SharedState>, request: Request<B>) -> Response
 /// Ready when a valid config is loaded, every endpoint has its credential, and the sidecar
 /// is not shutting down. The body says which endpoint is missing what, and which key
 /// (by fingerprint) each one uses, so a rotation can be checked from outside.
+///
+/// Expected endpoints whose config has not arrived (`missing`, with `complete: false`) do
+/// not make it unready: the startup probe on this path holds the app's containers, and an
+/// app that names an endpoint created later must still start, the others serving meanwhile.
 fn readiness(state: &SharedState) -> Response<Full<Bytes>> {
     let snapshot = state.snapshot();
     let draining = state.is_draining();
@@ -61,8 +65,14 @@ fn readiness(state: &SharedState) -> Response<Full<Bytes>> {
         (false, true) => "ready",
         (false, false) => "not_ready",
     };
-    let body =
-        json!({"status": status, "configHash": snapshot.config_hash, "endpoints": endpoints});
+    let body = json!({
+        "status": status,
+        "configHash": snapshot.config_hash,
+        "endpoints": endpoints,
+        "complete": snapshot.missing.is_empty(),
+        "missing": snapshot.missing,
+        "pod": state.pod,
+    });
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = if ready {
         StatusCode::OK

@@ -25,6 +25,8 @@ pub enum ProxyError {
     UnknownModel(String),
     #[error("No endpoint is named '{0}' (from the x-llmesh-endpoint header).")]
     UnknownEndpoint(String),
+    #[error("Endpoint '{0}' is not ready: this pod expects it, but its configuration (ConfigMap llmesh-{0}, file {0}.yaml) is not there yet. Check that the LlmEndpoint '{0}' exists in the pod's namespace and is rendered; the llmesh sidecar serves it as soon as it arrives, with no restart.")]
+    EndpointNotReady(String),
     #[error("The request names no known model and no endpoint (x-llmesh-endpoint header), and this llmesh sidecar has no default endpoint.")]
     NoEndpointSelected,
     #[error("Invalid URL ({method} {path}).")]
@@ -132,7 +134,9 @@ impl ProxyError {
             | Self::RouteNotServed { .. }
             | Self::AnthropicApiNotServed { .. }
             | Self::NotImplementedByMock(_) => StatusCode::NOT_FOUND,
-            Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CredentialUnavailable { .. } | Self::EndpointNotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamUnreachable { .. }
             | Self::UpstreamReset { .. }
             | Self::UpstreamBrokeMidResponse { .. } => StatusCode::BAD_GATEWAY,
@@ -179,6 +183,7 @@ impl ProxyError {
             Self::BodyRead(_) => "body_read_error",
             Self::UnknownModel(_) => "model_not_found",
             Self::UnknownEndpoint(_) => "endpoint_not_found",
+            Self::EndpointNotReady(_) => "endpoint_not_ready",
             Self::NoEndpointSelected => "model_required",
             Self::UnknownRoute { .. } => "unknown_url",
             Self::InvalidPath { .. } => "invalid_path",
@@ -291,6 +296,19 @@ mod tests {
             v["error"]["message"],
             "Rate limit reached for endpoint 'chat' on tokens per minute (limit 10000). Please try again in 3s."
         );
+    }
+
+    #[test]
+    fn a_missing_endpoint_names_its_configmap() {
+        let err = ProxyError::EndpointNotReady("embed".into());
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["error"]["type"], "llmesh_error");
+        assert_eq!(v["error"]["code"], "endpoint_not_ready");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ConfigMap llmesh-embed"));
     }
 
     #[test]

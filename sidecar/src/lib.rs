@@ -9,6 +9,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod otlp;
+pub mod pod;
 pub mod provider;
 pub mod proxy;
 pub mod redact;

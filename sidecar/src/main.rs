@@ -12,6 +12,7 @@ use llmesh_sidecar::config::{self, ConfigSource};
 use llmesh_sidecar::logging::{self, LogFormat};
 use llmesh_sidecar::metrics::Metrics;
 use llmesh_sidecar::otlp::SpanSink;
+use llmesh_sidecar::pod::PodIdentity;
 use llmesh_sidecar::reload::{Reloader, SharedState};
 use llmesh_sidecar::server;
 use llmesh_sidecar::snapshot::Snapshot;
@@ -28,6 +29,18 @@ struct Cli {
     /// A directory with one YAML file per endpoint (a mounted ConfigMap).
     #[arg(long, env = "LLMESH_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
+    /// With --config-dir: the endpoints this pod expects there (comma-separated names, or *
+    /// for whatever is there). The sidecar starts even if some or all have no file yet,
+    /// lists them as `missing` on /readyz, answers them with 503 and serves each one as soon
+    /// as its file appears.
+    #[arg(long, env = "LLMESH_EXPECT_ENDPOINTS", requires = "config_dir")]
+    expect_endpoints: Option<config::ExpectedEndpoints>,
+    /// The pod's namespace (from the downward API), shown on /readyz and in llmesh_pod_info.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// The pod's ServiceAccount (from the downward API), shown on /readyz and in llmesh_pod_info.
+    #[arg(long, env = "POD_SERVICE_ACCOUNT")]
+    pod_service_account: Option<String>,
     /// Where apps connect. Loopback by default: the pod is the security boundary.
     #[arg(long, env = "LLMESH_LISTEN", default_value = "127.0.0.1:4000")]
     listen: SocketAddr,
@@ -83,9 +96,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     logging::init(cli.log_format, &cli.log).map_err(anyhow::Error::msg)?;
-    let source = match (&cli.config, &cli.config_dir) {
-        (Some(file), None) => ConfigSource::File(file.clone()),
-        (None, Some(dir)) => ConfigSource::Dir(dir.clone()),
+    let source = match (&cli.config, &cli.config_dir, &cli.expect_endpoints) {
+        (Some(file), None, None) => ConfigSource::File(file.clone()),
+        (None, Some(dir), None) => ConfigSource::Dir(dir.clone()),
+        (None, Some(dir), Some(expected)) => ConfigSource::ExpectingDir {
+            dir: dir.clone(),
+            expected: expected.clone(),
+        },
+        (Some(_), _, Some(_)) => bail!("--expect-endpoints goes with --config-dir"),
         _ => bail!("give exactly one of --config and --config-dir"),
     };
     let loaded = source.load()?;
@@ -104,6 +122,9 @@ fn main() -> anyhow::Result<()> {
                 e.config.model
             );
         }
+        for name in &snapshot.missing {
+            println!("{name} MISSING: expected, but no file defines it yet");
+        }
         println!("configuration is valid (hash {})", loaded.hash);
         return Ok(());
     }
@@ -119,9 +140,10 @@ fn run(
     loaded: config::LoadedConfig,
     snapshot: Snapshot,
 ) -> anyhow::Result<()> {
+    let pod = PodIdentity::new(cli.pod_namespace.clone(), cli.pod_service_account.clone());
     let metrics = if cli.metrics {
         Some(Arc::new(
-            Metrics::new().context("cannot register the metrics")?,
+            Metrics::new(&pod).context("cannot register the metrics")?,
         ))
     } else {
         None
@@ -134,7 +156,7 @@ fn run(
         }
         None => (None, None),
     };
-    let state = SharedState::new(snapshot, metrics, spans);
+    let state = SharedState::new(snapshot, metrics, spans, pod);
     let workers = cli
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -184,6 +206,9 @@ fn run(
             ready = state.snapshot().is_ready(),
             "listening"
         );
+        for name in &state.snapshot().missing {
+            tracing::warn!(endpoint = %name, "expected endpoint has no configuration yet; answering it with 503 until it arrives");
+        }
         let reloader = Reloader::new(source, state.clone(), loaded);
         tokio::spawn(reloader.run(cli.reload_interval.get()));
         let (admin_shutdown_tx, admin_shutdown_rx) = watch::channel(false);

@@ -15,6 +15,7 @@ use prometheus::{
 };
 
 use crate::config::PriceConfig;
+use crate::pod::PodIdentity;
 use crate::snapshot::Snapshot;
 
 /// Seconds, from 10 ms to 11 minutes: embeddings answer in tens of milliseconds, reasoning
@@ -94,7 +95,7 @@ pub struct TokenCount {
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Self> {
+    pub fn new(pod: &PodIdentity) -> prometheus::Result<Self> {
         let call = ["endpoint", "model", "operation", "provider"];
         let requests = IntCounterVec::new(
             Opts::new(
@@ -196,6 +197,21 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // One info series rather than these labels on every series: existing queries stay
+        // valid, and a join (`* on(pod) group_left(service_account)`) adds them where needed.
+        let pod_info = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_pod_info",
+                "The pod this sidecar serves: its namespace and ServiceAccount as the downward API gave them (\"\" when not given).",
+            ),
+            &["namespace", "service_account"],
+        )?;
+        pod_info
+            .with_label_values(&[
+                pod.namespace.as_deref().unwrap_or(""),
+                pod.service_account.as_deref().unwrap_or(""),
+            ])
+            .set(1);
         let registry = Registry::new();
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -211,6 +227,7 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(reload_ok.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(pod_info))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -367,7 +384,7 @@ mod tests {
 
     #[test]
     fn model_labels_are_capped() {
-        let m = Metrics::new().unwrap();
+        let m = Metrics::new(&PodIdentity::default()).unwrap();
         for i in 0..MAX_MODEL_LABELS {
             assert_eq!(m.model_label(&format!("m{i}")), format!("m{i}"));
         }

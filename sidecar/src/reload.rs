@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use crate::config::{ConfigSource, LoadedConfig, RawConfig};
 use crate::metrics::Metrics;
 use crate::otlp::SpanSink;
+use crate::pod::PodIdentity;
 use crate::snapshot::Snapshot;
 
 /// What the data path and the admin server share.
@@ -24,6 +25,7 @@ pub struct SharedState {
     pub metrics: Option<Arc<Metrics>>,
     /// Some when spans are exported (`--otlp-endpoint`).
     pub spans: Option<Arc<SpanSink>>,
+    pub pod: PodIdentity,
 }
 
 impl SharedState {
@@ -31,12 +33,14 @@ impl SharedState {
         snapshot: Snapshot,
         metrics: Option<Arc<Metrics>>,
         spans: Option<Arc<SpanSink>>,
+        pod: PodIdentity,
     ) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             metrics,
             spans,
+            pod,
         })
     }
 
@@ -152,6 +156,16 @@ fn log_changes(current: &Snapshot, next: &Snapshot) {
             endpoints = next.endpoints.len(),
             "configuration reloaded"
         );
+    }
+    for name in &next.missing {
+        if !current.is_missing(name) {
+            tracing::warn!(endpoint = %name, "expected endpoint has no configuration any more; answering it with 503 until it comes back");
+        }
+    }
+    for name in &current.missing {
+        if !next.is_missing(name) {
+            tracing::info!(endpoint = %name, "expected endpoint arrived; serving it");
+        }
     }
     for endpoint in &next.endpoints {
         let before = current.by_name(endpoint.name());

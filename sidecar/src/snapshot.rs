@@ -15,6 +15,8 @@ use crate::resilience::Resilience;
 pub struct Snapshot {
     pub config_hash: String,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Endpoints the pod expects whose config has not arrived yet (`--expect-endpoints`).
+    pub missing: Vec<String>,
     by_name: HashMap<String, usize>,
     by_model: HashMap<String, usize>,
     default: Option<usize>,
@@ -146,6 +148,7 @@ impl Snapshot {
         Ok(Self {
             config_hash: loaded.hash.clone(),
             endpoints,
+            missing: loaded.missing.clone(),
             by_name,
             by_model,
             default,
@@ -161,11 +164,18 @@ impl Snapshot {
         self.by_model.get(model).map(|&i| &self.endpoints[i])
     }
 
+    /// True when `name` is an endpoint the pod expects but has no config for yet.
+    pub fn is_missing(&self, name: &str) -> bool {
+        self.missing.iter().any(|m| m == name)
+    }
+
     pub fn default_endpoint(&self) -> Option<&Arc<Endpoint>> {
         self.default.map(|i| &self.endpoints[i])
     }
 
-    /// True when every endpoint can serve (has its credential if it needs one).
+    /// True when every endpoint can serve (has its credential if it needs one). Expected
+    /// endpoints whose config has not arrived do not count: the pod's app must start (the
+    /// startup probe holds it until this is true) and get a clear 503 for those alone.
     pub fn is_ready(&self) -> bool {
         self.endpoints
             .iter()

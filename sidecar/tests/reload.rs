@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{client, eventually, replace_file, Sidecar};
+use common::{client, eventually, replace_file, KubeletVolume, Sidecar};
 use llmesh_testkit::{directives, FakeUpstream};
 use serde_json::{json, Value};
 
@@ -119,43 +119,6 @@ async fn a_changed_config_is_used_and_a_broken_one_is_rejected() {
         })
         .await
     );
-}
-
-/// The layout of a mounted ConfigMap or Secret: keys are symlinks into `..data`, which the
-/// kubelet swaps atomically to a new timestamped directory.
-struct KubeletVolume {
-    root: std::path::PathBuf,
-    generation: u32,
-}
-
-impl KubeletVolume {
-    fn create(root: &Path, files: &[(&str, &str)]) -> Self {
-        std::fs::create_dir_all(root).unwrap();
-        let mut volume = Self {
-            root: root.to_path_buf(),
-            generation: 0,
-        };
-        volume.update(files);
-        for (name, _) in files {
-            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
-        }
-        volume
-    }
-
-    fn update(&mut self, files: &[(&str, &str)]) {
-        self.generation += 1;
-        let data = format!(
-            "..2026_11_23_00_00_{:02}.{}",
-            self.generation, self.generation
-        );
-        std::fs::create_dir(self.root.join(&data)).unwrap();
-        for (name, content) in files {
-            std::fs::write(self.root.join(&data).join(name), content).unwrap();
-        }
-        let tmp = self.root.join("..data_tmp");
-        std::os::unix::fs::symlink(&data, &tmp).unwrap();
-        std::fs::rename(&tmp, self.root.join("..data")).unwrap();
-    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::validate::{validate, ValidationErrors};
 use super::yaml_error;
-use super::{EndpointConfig, SidecarConfig};
+use super::{EndpointConfig, ExpectedEndpoints, SidecarConfig};
 
 #[derive(Debug, Clone)]
 pub enum ConfigSource {
@@ -17,6 +17,12 @@ pub enum ConfigSource {
     /// A directory with one YAML (or JSON) file per endpoint, each an [`EndpointConfig`].
     /// Hidden entries (the kubelet's `..data` and timestamped directories) are skipped.
     Dir(PathBuf),
+    /// A `Dir` that an injected pod mounts: the endpoints it expects may not all have a file
+    /// yet, so an empty directory is valid, and the expected ones absent are reported missing.
+    ExpectingDir {
+        dir: PathBuf,
+        expected: ExpectedEndpoints,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,25 +61,27 @@ pub struct LoadedConfig {
     /// SHA-256 of the config files' names and contents (hex), shown on `/readyz` so that an
     /// operator can tell which rendering a sidecar is serving.
     pub hash: String,
+    /// Endpoints expected (`ExpectingDir`) that no file defines yet, in the order given.
+    pub missing: Vec<String>,
 }
 
 impl ConfigSource {
     pub fn path(&self) -> &Path {
         match self {
-            Self::File(p) | Self::Dir(p) => p,
+            Self::File(p) | Self::Dir(p) | Self::ExpectingDir { dir: p, .. } => p,
         }
     }
 
     pub fn read(&self) -> Result<RawConfig, LoadError> {
         let files = match self {
             Self::File(path) => vec![(path.clone(), read_file(path)?)],
-            Self::Dir(dir) => {
+            Self::Dir(dir) | Self::ExpectingDir { dir, .. } => {
                 let mut files = Vec::new();
                 for path in endpoint_files(dir)? {
                     let bytes = read_file(&path)?;
                     files.push((path, bytes));
                 }
-                if files.is_empty() {
+                if files.is_empty() && matches!(self, Self::Dir(_)) {
                     return Err(LoadError::EmptyDir { path: dir.clone() });
                 }
                 files
@@ -94,7 +102,7 @@ impl RawConfig {
                 let (path, bytes) = &self.files[0];
                 parse_yaml::<SidecarConfig>(path, bytes)?
             }
-            ConfigSource::Dir(_) => SidecarConfig {
+            ConfigSource::Dir(_) | ConfigSource::ExpectingDir { .. } => SidecarConfig {
                 endpoints: self
                     .files
                     .iter()
@@ -102,13 +110,26 @@ impl RawConfig {
                     .collect::<Result<_, _>>()?,
             },
         };
-        validate(&config).map_err(|errors| LoadError::Invalid {
-            path: source.path().to_path_buf(),
-            errors,
-        })?;
+        let missing = match source {
+            ConfigSource::ExpectingDir { expected, .. } => {
+                expected.missing(|name| config.endpoints.iter().any(|e| e.name == name))
+            }
+            ConfigSource::File(_) | ConfigSource::Dir(_) => Vec::new(),
+        };
+        // Nothing arrived yet is a valid state for an injected pod, which validation (made
+        // for configs a person writes) would refuse as "at least one endpoint is required".
+        let waiting_for_all =
+            config.endpoints.is_empty() && matches!(source, ConfigSource::ExpectingDir { .. });
+        if !waiting_for_all {
+            validate(&config).map_err(|errors| LoadError::Invalid {
+                path: source.path().to_path_buf(),
+                errors,
+            })?;
+        }
         Ok(LoadedConfig {
             config,
             hash: self.hash(),
+            missing,
         })
     }
 
@@ -263,6 +284,45 @@ mod tests {
             .load()
             .unwrap_err();
         assert!(matches!(err, LoadError::EmptyDir { .. }));
+    }
+
+    #[test]
+    fn a_directory_expecting_endpoints_may_lack_some_or_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = ConfigSource::ExpectingDir {
+            dir: dir.path().to_path_buf(),
+            expected: "chat,embed".parse().unwrap(),
+        };
+        let empty = source.load().unwrap();
+        assert!(empty.config.endpoints.is_empty());
+        assert_eq!(empty.missing, ["chat", "embed"]);
+
+        std::fs::write(
+            dir.path().join("embed.yaml"),
+            "{name: embed, provider: mock, model: e}",
+        )
+        .unwrap();
+        let partial = source.load().unwrap();
+        assert_eq!(partial.missing, ["chat"]);
+        assert_ne!(partial.hash, empty.hash);
+
+        // What is there is still validated as usual.
+        std::fs::write(
+            dir.path().join("chat.yaml"),
+            "{name: chat, provider: mock, model: ''}",
+        )
+        .unwrap();
+        assert!(matches!(source.load(), Err(LoadError::Invalid { .. })));
+    }
+
+    #[test]
+    fn expecting_anything_reports_nothing_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = ConfigSource::ExpectingDir {
+            dir: dir.path().to_path_buf(),
+            expected: ExpectedEndpoints::Any,
+        };
+        assert!(source.load().unwrap().missing.is_empty());
     }
 }
 

@@ -4,6 +4,7 @@
 //! field name here is part of a public contract.
 
 mod duration;
+mod expected;
 mod load;
 mod resilience;
 mod validate;
@@ -15,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{Duration, ParseDurationError, DURATION_PATTERN};
+pub use expected::{ExpectedEndpoints, ExpectedEndpointsError};
 pub(crate) use load::hex as hex_digest;
 pub use load::{config_hash, ConfigSource, LoadError, LoadedConfig, RawConfig};
 pub use resilience::{

@@ -430,7 +430,7 @@ fn check_secret_file(c: &mut Collector, field: String, file: &std::path::Path) {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+pub(super) fn is_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63

@@ -34,6 +34,7 @@ pub use path::PathError;
 use usage::UsageTap;
 use usage_strip::UsageChunkStripper;
 
+use crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES;
 use crate::error::{ProxyError, JSON};
 use crate::metrics::Metrics;
 use crate::provider::mock::{self, MockResponse};
@@ -224,6 +225,10 @@ async fn route(
                     StatusCode::OK,
                     model_object(id, e),
                 ))),
+                None if snapshot.is_missing(id) => Err(Failure::new(
+                    ProxyError::EndpointNotReady(id.to_string()),
+                    None,
+                )),
                 None => Err(Failure::new(ProxyError::UnknownModel(id.to_string()), None)),
             }
         }
@@ -258,7 +263,9 @@ async fn json_call(
     let (parts, body) = request.into_parts();
     let by_header =
         endpoint_from_header(snapshot, &parts.headers).map_err(|e| Failure::new(e, None))?;
-    // Until the endpoint is known, accept up to the largest limit of any candidate.
+    // Until the endpoint is known, accept up to the largest limit of any candidate. With no
+    // endpoint yet (a pod whose ConfigMaps have not arrived), the body is still read, to
+    // tell a missing endpoint from an unknown model.
     let read_limit = match &by_header {
         Some(e) => e.config.max_request_body_bytes,
         None => snapshot
@@ -266,7 +273,7 @@ async fn json_call(
             .iter()
             .map(|e| e.config.max_request_body_bytes)
             .max()
-            .unwrap_or(0),
+            .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES),
     };
     let bytes = read_body(&parts, body, read_limit)
         .await
@@ -279,6 +286,14 @@ async fn json_call(
 
     let endpoint = match (by_header, model.as_deref()) {
         (Some(e), _) => e,
+        // An expected endpoint that has not arrived is named, not unknown: the default
+        // endpoint would answer with another model than the one the app asked for.
+        (None, Some(model)) if snapshot.by_model(model).is_none() && snapshot.is_missing(model) => {
+            return Err(Failure::new(
+                ProxyError::EndpointNotReady(model.to_string()),
+                None,
+            ))
+        }
         (None, Some(model)) => match snapshot.by_model(model).or(snapshot.default_endpoint()) {
             Some(e) => Arc::clone(e),
             None => {
@@ -589,10 +604,11 @@ fn endpoint_from_header(
         return Ok(None);
     };
     let name = value.to_str().unwrap_or("");
-    snapshot
-        .by_name(name)
-        .map(|e| Some(Arc::clone(e)))
-        .ok_or_else(|| ProxyError::UnknownEndpoint(name.to_string()))
+    match snapshot.by_name(name) {
+        Some(e) => Ok(Some(Arc::clone(e))),
+        None if snapshot.is_missing(name) => Err(ProxyError::EndpointNotReady(name.to_string())),
+        None => Err(ProxyError::UnknownEndpoint(name.to_string())),
+    }
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {

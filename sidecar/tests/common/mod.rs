@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,8 +40,14 @@ impl Sidecar {
 
     /// Starts the sidecar with `args` (plus test ports and JSON logs); `dir` lives as long as it.
     pub fn start_with(dir: TempDir, args: &[&str]) -> Self {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    /// Like `start_with`, with environment variables set for the sidecar only.
+    pub fn start_with_env(dir: TempDir, args: &[&str], env: &[(&str, &str)]) -> Self {
         // The test's own flags come last: a flag given twice takes its last value.
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -167,6 +173,53 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The layout of a mounted ConfigMap, Secret or projected volume: keys are symlinks into
+/// `..data`, which the kubelet swaps atomically to a new timestamped directory, then adds the
+/// symlinks of new keys and removes those of keys gone (an optional item whose ConfigMap
+/// does not exist is simply absent).
+pub struct KubeletVolume {
+    root: PathBuf,
+    generation: u32,
+    keys: Vec<String>,
+}
+
+impl KubeletVolume {
+    pub fn create(root: &Path, files: &[(&str, &str)]) -> Self {
+        std::fs::create_dir_all(root).expect("create volume dir");
+        let mut volume = Self {
+            root: root.to_path_buf(),
+            generation: 0,
+            keys: Vec::new(),
+        };
+        volume.update(files);
+        volume
+    }
+
+    pub fn update(&mut self, files: &[(&str, &str)]) {
+        self.generation += 1;
+        let data = format!(
+            "..2026_11_23_00_00_{:02}.{}",
+            self.generation, self.generation
+        );
+        std::fs::create_dir(self.root.join(&data)).expect("create data dir");
+        for (name, content) in files {
+            std::fs::write(self.root.join(&data).join(name), content).expect("write key");
+        }
+        let tmp = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(&data, &tmp).expect("link ..data_tmp");
+        std::fs::rename(&tmp, self.root.join("..data")).expect("swap ..data");
+        let keys: Vec<String> = files.iter().map(|(name, _)| name.to_string()).collect();
+        for key in keys.iter().filter(|k| !self.keys.contains(k)) {
+            std::os::unix::fs::symlink(format!("..data/{key}"), self.root.join(key))
+                .expect("link key");
+        }
+        for key in self.keys.iter().filter(|k| !keys.contains(k)) {
+            std::fs::remove_file(self.root.join(key)).expect("unlink key");
+        }
+        self.keys = keys;
     }
 }
 
