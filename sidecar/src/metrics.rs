@@ -59,6 +59,7 @@ pub struct Metrics {
     rate_limited: IntCounterVec,
     breaker_open: IntGaugeVec,
     credential: IntGaugeVec,
+    missing: IntGaugeVec,
     reloads: IntCounterVec,
     reload_ok: IntGauge,
     models: Mutex<HashSet<String>>,
@@ -174,6 +175,13 @@ impl Metrics {
             ),
             &["endpoint", "fingerprint"],
         )?;
+        let missing = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_endpoint_missing",
+                "1 for each endpoint the pod expects (--expect-endpoints) whose config has not arrived; its requests get 503 endpoint_not_ready.",
+            ),
+            &["endpoint"],
+        )?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "llmesh_config_reloads_total",
@@ -224,6 +232,7 @@ impl Metrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(breaker_open.clone()))?;
         registry.register(Box::new(credential.clone()))?;
+        registry.register(Box::new(missing.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(reload_ok.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -244,6 +253,7 @@ impl Metrics {
             rate_limited,
             breaker_open,
             credential,
+            missing,
             reloads,
             reload_ok,
             models: Mutex::new(HashSet::new()),
@@ -359,6 +369,10 @@ impl Metrics {
                     .set(0),
                 (None, None) => {}
             }
+        }
+        self.missing.reset();
+        for name in &snapshot.missing {
+            self.missing.with_label_values(&[name]).set(1);
         }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding well-formed metrics into a Vec cannot fail.

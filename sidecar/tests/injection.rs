@@ -25,6 +25,17 @@ async fn readiness(sidecar: &Sidecar) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+/// The `llmesh_endpoint_missing` series of a scrape.
+async fn missing_series(sidecar: &Sidecar) -> Vec<String> {
+    sidecar
+        .metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("llmesh_endpoint_missing{"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Status and body of a chat call naming `model`, with `x-llmesh-endpoint` if given.
 async fn chat(sidecar: &Sidecar, model: &str, endpoint_header: Option<&str>) -> (u16, Value) {
     let mut request = client()
@@ -85,6 +96,10 @@ async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
     assert!(sidecar
         .logs()
         .contains("expected endpoint has no configuration yet"));
+    assert_eq!(
+        missing_series(&sidecar).await,
+        ["llmesh_endpoint_missing{endpoint=\"chat\"} 1"]
+    );
 
     // The LlmEndpoint is created: the kubelet adds its ConfigMap to the volume.
     volume.update(&[("chat.yaml", CHAT)]);
@@ -106,6 +121,7 @@ async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
             .wait_for_log("expected endpoint arrived", RELOAD_WAIT)
             .await
     );
+    assert!(missing_series(&sidecar).await.is_empty());
 
     // The LlmEndpoint is deleted: its file goes, and it is missing again, not an error.
     volume.update(&[]);
