@@ -33,7 +33,7 @@ struct Cli {
     /// for whatever is there). The sidecar starts even if some or all have no file yet,
     /// lists them as `missing` on /readyz, answers them with 503 and serves each one as soon
     /// as its file appears.
-    #[arg(long, env = "LLMESH_EXPECT_ENDPOINTS", requires = "config_dir")]
+    #[arg(long, env = "LLMESH_EXPECT_ENDPOINTS")]
     expect_endpoints: Option<config::ExpectedEndpoints>,
     /// The pod's namespace (from the downward API), shown on /readyz and in llmesh_pod_info.
     #[arg(long, env = "POD_NAMESPACE")]
@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             dir: dir.clone(),
             expected: expected.clone(),
         },
-        (Some(_), _, Some(_)) => bail!("--expect-endpoints goes with --config-dir"),
+        (_, None, Some(_)) => bail!("--expect-endpoints goes with --config-dir, not --config"),
         _ => bail!("give exactly one of --config and --config-dir"),
     };
     let loaded = source.load()?;

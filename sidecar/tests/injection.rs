@@ -223,7 +223,7 @@ fn without_expect_endpoints_an_empty_directory_still_refuses_to_start() {
 }
 
 #[test]
-fn expect_endpoints_refuses_names_that_cannot_be_endpoints() {
+fn expect_endpoints_refuses_bad_names_and_a_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(BIN)
         .args([
@@ -238,6 +238,26 @@ fn expect_endpoints_refuses_names_that_cannot_be_endpoints() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not a valid endpoint name"), "{stderr}");
+
+    // A whole config file has nothing to wait for.
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, "endpoints: [{name: chat, provider: mock, model: m}]").unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "--expect-endpoints",
+            "chat",
+            "--check",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--expect-endpoints goes with --config-dir"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
