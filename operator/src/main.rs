@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,6 +8,9 @@ use clap::Parser;
 use llmesh_operator::controller::{self, Settings};
 use llmesh_operator::lease::{Attempt, LeaderLease, LeaseSettings};
 use llmesh_operator::metrics::{self, Metrics};
+use llmesh_operator::webhook::inject::{is_quantity, InjectionSettings, SidecarResources};
+use llmesh_operator::webhook::server::{self as webhook_server, Webhook};
+use llmesh_operator::webhook::tls::ReloadingCert;
 use llmesh_sidecar::config;
 use tokio::sync::watch;
 
@@ -42,6 +46,90 @@ struct Cli {
     log_format: llmesh_sidecar::logging::LogFormat,
     #[arg(long, env = "LLMESH_LOG", default_value = "info")]
     log: String,
+    /// The sidecar-injection webhook's HTTPS address. Every replica serves it.
+    #[arg(long, env = "LLMESH_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    webhook_listen: SocketAddr,
+    /// Directory holding the webhook's `tls.crt` and `tls.key` (a mounted Secret); a renewed
+    /// pair is served without a restart. Without it, no webhook is served.
+    #[arg(long, env = "LLMESH_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+    /// How often the certificate files are re-read.
+    #[arg(long, env = "LLMESH_WEBHOOK_CERT_RELOAD", default_value = "10s")]
+    webhook_cert_reload: config::Duration,
+    /// The image of the injected sidecar.
+    #[arg(long, env = "LLMESH_SIDECAR_IMAGE", default_value = DEFAULT_SIDECAR_IMAGE)]
+    sidecar_image: String,
+    #[arg(long, env = "LLMESH_SIDECAR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    sidecar_image_pull_policy: Option<String>,
+    /// Inject the sidecar as a native sidecar (an init container with `restartPolicy:
+    /// Always`, Kubernetes 1.29 and later); `false` injects a plain first container.
+    #[arg(long, env = "LLMESH_NATIVE_SIDECARS", default_value_t = true, action = clap::ArgAction::Set)]
+    native_sidecars: bool,
+    /// The sidecar's app port on 127.0.0.1 (the apps' OPENAI_BASE_URL follows it).
+    #[arg(long, env = "LLMESH_SIDECAR_APP_PORT", default_value_t = 4000)]
+    sidecar_app_port: u16,
+    /// The sidecar's admin port (`/readyz`, `/metrics`), named `llmesh-admin`.
+    #[arg(long, env = "LLMESH_SIDECAR_ADMIN_PORT", default_value_t = 4001)]
+    sidecar_admin_port: u16,
+    /// Default sidecar CPU request (a pod's `llmesh.io/sidecar-cpu-request` overrides it;
+    /// `none` sets none). Default 50m.
+    #[arg(long, env = "LLMESH_SIDECAR_CPU_REQUEST")]
+    sidecar_cpu_request: Option<String>,
+    /// Default sidecar memory request (`llmesh.io/sidecar-memory-request`). Default 64Mi.
+    #[arg(long, env = "LLMESH_SIDECAR_MEMORY_REQUEST")]
+    sidecar_memory_request: Option<String>,
+    /// Default sidecar CPU limit (`llmesh.io/sidecar-cpu-limit`). Default none.
+    #[arg(long, env = "LLMESH_SIDECAR_CPU_LIMIT")]
+    sidecar_cpu_limit: Option<String>,
+    /// Default sidecar memory limit (`llmesh.io/sidecar-memory-limit`). Default 256Mi.
+    #[arg(long, env = "LLMESH_SIDECAR_MEMORY_LIMIT")]
+    sidecar_memory_limit: Option<String>,
+}
+
+const DEFAULT_SIDECAR_IMAGE: &str = concat!("ghcr.io/llmesh/sidecar:", env!("CARGO_PKG_VERSION"));
+
+impl Cli {
+    fn injection_settings(&self) -> anyhow::Result<InjectionSettings> {
+        let defaults = SidecarResources::default();
+        let pick = |flag: &Option<String>, name: &str, default: Option<String>| match flag
+            .as_deref()
+            .map(str::trim)
+        {
+            None => Ok(default),
+            Some("" | "none") => Ok(None),
+            Some(value) if is_quantity(value) => Ok(Some(value.to_string())),
+            Some(_) => Err(anyhow::anyhow!("--{name}: not a Kubernetes quantity")),
+        };
+        Ok(InjectionSettings {
+            image: self.sidecar_image.clone(),
+            image_pull_policy: self.sidecar_image_pull_policy.clone(),
+            native_sidecar: self.native_sidecars,
+            app_port: self.sidecar_app_port,
+            admin_port: self.sidecar_admin_port,
+            resources: SidecarResources {
+                cpu_request: pick(
+                    &self.sidecar_cpu_request,
+                    "sidecar-cpu-request",
+                    defaults.cpu_request,
+                )?,
+                memory_request: pick(
+                    &self.sidecar_memory_request,
+                    "sidecar-memory-request",
+                    defaults.memory_request,
+                )?,
+                cpu_limit: pick(
+                    &self.sidecar_cpu_limit,
+                    "sidecar-cpu-limit",
+                    defaults.cpu_limit,
+                )?,
+                memory_limit: pick(
+                    &self.sidecar_memory_limit,
+                    "sidecar-memory-limit",
+                    defaults.memory_limit,
+                )?,
+            },
+        })
+    }
 }
 
 #[tokio::main]
@@ -66,6 +154,22 @@ async fn main() -> anyhow::Result<()> {
         "admin",
         move |req| metrics::admin(Arc::clone(&admin_metrics), req),
     ));
+
+    match &cli.webhook_cert_dir {
+        Some(dir) => {
+            start_webhook(
+                &cli,
+                dir,
+                client.clone(),
+                Arc::clone(&metrics),
+                admin_stop.subscribe(),
+            )
+            .await?
+        }
+        None => {
+            tracing::info!("no --webhook-cert-dir: the sidecar-injection webhook is not served")
+        }
+    }
 
     let identity = cli
         .identity
@@ -113,6 +217,42 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = admin_stop.send(true);
     let _ = admin.await;
+    Ok(())
+}
+
+/// Starts the injection webhook in the background: it answers once its index of
+/// LlmEndpoints is loaded, so that `*` and the missing-endpoint warnings are right from the
+/// first pod.
+async fn start_webhook(
+    cli: &Cli,
+    cert_dir: &Path,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let settings = cli.injection_settings()?;
+    let certificate = ReloadingCert::load(cert_dir).context("webhook certificate")?;
+    let tls = Arc::new(certificate.server_config()?);
+    tokio::spawn(Arc::clone(&certificate).keep_reloading(cli.webhook_cert_reload.get()));
+    let listener = tokio::net::TcpListener::bind(cli.webhook_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.webhook_listen))?;
+    let (endpoints, watch_endpoints) = webhook_server::endpoint_index(client);
+    tokio::spawn(watch_endpoints);
+    let webhook = Arc::new(Webhook {
+        settings,
+        endpoints,
+        operator_namespace: cli.lease_namespace.clone(),
+        metrics,
+    });
+    let address = cli.webhook_listen;
+    tokio::spawn(async move {
+        if webhook.endpoints.wait_until_ready().await.is_err() {
+            return;
+        }
+        tracing::info!(%address, "serving the sidecar-injection webhook");
+        webhook_server::serve(listener, tls, webhook, shutdown).await;
+    });
     Ok(())
 }
 

@@ -10,8 +10,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::crd::LlmEndpoint;
@@ -24,6 +24,10 @@ pub struct Metrics {
     /// finds nothing changed must leave it unchanged.
     pub api_writes: IntCounterVec,
     pub leader: IntGauge,
+    /// Pods the injection webhook answered, by what it decided.
+    pub admissions: IntCounterVec,
+    /// The webhook's own time per admission, from the request body read to the answer.
+    pub admission_duration: Histogram,
     endpoints: IntGaugeVec,
     /// The controller's cache of LlmEndpoints (set while this replica leads), counted at
     /// scrape time so that deleted objects drop out without bookkeeping.
@@ -65,6 +69,24 @@ impl Metrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(api_writes.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        let admissions = IntCounterVec::new(
+            Opts::new(
+                "llmesh_operator_webhook_admissions_total",
+                "Pods answered by the injection webhook, by outcome (injected, not_requested, opted_out, already_injected, skipped, excluded_namespace, error).",
+            ),
+            &["outcome"],
+        )?;
+        let admission_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "llmesh_operator_webhook_duration_seconds",
+                "Time the injection webhook takes to answer one pod, without the network.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+            ]),
+        )?;
+        registry.register(Box::new(admissions.clone()))?;
+        registry.register(Box::new(admission_duration.clone()))?;
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "llmesh_operator_endpoints",
@@ -82,6 +104,8 @@ impl Metrics {
             reconcile_duration,
             api_writes,
             leader,
+            admissions,
+            admission_duration,
             endpoints,
             endpoint_store: Mutex::new(None),
         })

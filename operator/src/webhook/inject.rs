@@ -486,6 +486,11 @@ fn resources(
     }
 }
 
+/// Whether the API server accepts `text` as a resource quantity (the operator's flags).
+pub fn is_quantity(text: &str) -> bool {
+    quantity_value(text).is_some()
+}
+
 /// The value of a Kubernetes quantity (`250m`, `1.5`, `64Mi`, `1e3`), or `None` when the
 /// API server would refuse it. Negative values are refused too: no resource can be.
 fn quantity_value(text: &str) -> Option<f64> {
