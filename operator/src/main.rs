@@ -237,7 +237,8 @@ async fn start_webhook(
     let listener = tokio::net::TcpListener::bind(cli.webhook_listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.webhook_listen))?;
-    let (endpoints, watch_endpoints) = webhook_server::endpoint_index(client);
+    let (endpoints, watch_endpoints) =
+        webhook_server::endpoint_index(client, cli.namespace.as_deref());
     tokio::spawn(watch_endpoints);
     let webhook = Arc::new(Webhook {
         settings,

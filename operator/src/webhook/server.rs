@@ -40,29 +40,29 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections still open at shutdown get this long to finish their answer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// The names of the LlmEndpoints of every namespace, metadata only.
+/// The names of the LlmEndpoints the operator watches, metadata only.
 pub type EndpointIndex = Store<PartialObjectMeta<LlmEndpoint>>;
 
-/// Starts the index: the store, and the watch that fills it (to be spawned; it retries
-/// with backoff for as long as it runs).
+/// Starts the index of every namespace, or of `namespace` alone for an install limited to
+/// one: the store, and the watch that fills it (to be spawned; it retries with backoff for
+/// as long as it runs).
 pub fn endpoint_index(
     client: kube::Client,
+    namespace: Option<&str>,
 ) -> (EndpointIndex, impl std::future::Future<Output = ()> + Send) {
     let (reader, writer) = reflector::store();
-    let watch = reflector::reflector(
-        writer,
-        // Metadata only: the webhook needs names, not specs.
-        watcher(
-            Api::<PartialObjectMeta<LlmEndpoint>>::all(client),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .for_each(|event| async move {
-        if let Err(error) = event {
-            tracing::warn!(%error, "watching LlmEndpoints for the webhook; retrying");
-        }
-    });
+    // Metadata only: the webhook needs names, not specs.
+    let api: Api<PartialObjectMeta<LlmEndpoint>> = match namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    };
+    let watch = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                tracing::warn!(%error, "watching LlmEndpoints for the webhook; retrying");
+            }
+        });
     (reader, watch)
 }
 

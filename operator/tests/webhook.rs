@@ -1,0 +1,401 @@
+//! The injection webhook of a real operator process, called by a real API server through a
+//! MutatingWebhookConfiguration on loopback: the pods the API server stores, compared with
+//! golden files in `operator/tests/golden/webhook/` (`LLMESH_UPDATE_GOLDEN=1` rewrites
+//! them), and the pods it must leave alone.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, install_crd};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use llmesh_operator::crd::LlmEndpoint;
+use llmesh_operator::webhook::config::mutating_webhook_configuration;
+use llmesh_operator::webhook::inject::SIDECAR_NAME;
+use llmesh_operator::webhook::tls::{CERT_FILE, KEY_FILE};
+use llmesh_testenv::ControlPlane;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// Each test's webhook configuration also requires this namespace label with the test's
+/// own value, so that tests sharing the control plane do not call each other's webhooks.
+const GROUP_LABEL: &str = "llmesh.io/test-webhook";
+
+struct Operator {
+    child: Child,
+    logs: Arc<Mutex<String>>,
+    _certs: tempfile::TempDir,
+}
+
+impl Operator {
+    /// An operator process serving the webhook on `port`, with the operator's namespace
+    /// `operator_ns`.
+    fn start(plane: &ControlPlane, operator_ns: &str, port: u16) -> Self {
+        let certs = tempfile::tempdir().unwrap();
+        let serving = plane.issue_serving_cert("llmesh-webhook").unwrap();
+        std::fs::write(certs.path().join(CERT_FILE), &serving.cert_pem).unwrap();
+        std::fs::write(certs.path().join(KEY_FILE), &serving.key_pem).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llmesh-operator"))
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .args(["--lease-namespace", operator_ns])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--webhook-listen", &format!("127.0.0.1:{port}")])
+            .arg("--webhook-cert-dir")
+            .arg(certs.path())
+            .args(["--sidecar-image", "ghcr.io/llmesh/sidecar:test"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start llmesh-operator");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&logs);
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut logs = sink.lock().expect("log lock");
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        Self {
+            child,
+            logs,
+            _certs: certs,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().expect("log lock").clone()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Registers the operator's webhook configuration, pointed at 127.0.0.1:`port`, limited to
+/// namespaces labelled with `group`.
+async fn register_webhook(
+    plane: &ControlPlane,
+    client: &kube::Client,
+    group: &str,
+    port: u16,
+    operator_ns: &str,
+) {
+    let mut configuration = mutating_webhook_configuration(
+        &format!("llmesh-test-{group}"),
+        WebhookClientConfig {
+            url: Some(format!("https://127.0.0.1:{port}/mutate")),
+            ..WebhookClientConfig::default()
+        },
+        Some(&plane.ca_pem()),
+        operator_ns,
+    );
+    for webhook in configuration.webhooks.iter_mut().flatten() {
+        if let Some(selector) = webhook.namespace_selector.as_mut() {
+            selector
+                .match_expressions
+                .get_or_insert_with(Vec::new)
+                .push(LabelSelectorRequirement {
+                    key: GROUP_LABEL.into(),
+                    operator: "In".into(),
+                    values: Some(vec![group.into()]),
+                });
+        }
+    }
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    api.create(&PostParams::default(), &configuration)
+        .await
+        .unwrap();
+}
+
+async fn label(client: &kube::Client, ns: &str, labels: Value) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": labels}})),
+        )
+        .await
+        .unwrap();
+}
+
+async fn create_endpoint(client: &kube::Client, ns: &str, name: &str) {
+    let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), ns);
+    let endpoint: LlmEndpoint = serde_json::from_value(json!({
+        "apiVersion": "llmesh.io/v1alpha1",
+        "kind": "LlmEndpoint",
+        "metadata": {"name": name},
+        "spec": {"provider": "mock", "model": "m"},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &endpoint).await.unwrap();
+}
+
+fn pod(name: &str, annotations: Value, labels: Value, containers: Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations, "labels": labels},
+        "spec": {"containers": containers},
+    }))
+    .unwrap()
+}
+
+fn app() -> Value {
+    json!([{"name": "app", "image": "example.com/app:1"}])
+}
+
+/// Creates `pod` in `ns` and returns what the API server stored, with the warnings it
+/// answered (the `Warning` headers `kubectl` prints).
+async fn create(client: &kube::Client, ns: &str, pod: &Pod, dry_run: bool) -> (Pod, Vec<String>) {
+    let request = kube::core::Request::new(format!("/api/v1/namespaces/{ns}/pods"))
+        .create(
+            &PostParams {
+                dry_run,
+                ..PostParams::default()
+            },
+            serde_json::to_vec(pod).unwrap(),
+        )
+        .unwrap();
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .unwrap();
+    let status = response.status();
+    let warnings = response
+        .headers()
+        .get_all(http::header::WARNING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.to_string())
+        .collect();
+    let body = response.into_body().collect_bytes().await.unwrap();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    (serde_json::from_slice(&body).unwrap(), warnings)
+}
+
+fn injected(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod.spec.as_ref().unwrap().containers)
+        .any(|c| c.name == SIDECAR_NAME)
+}
+
+/// The stored pod's annotations and spec against `golden/webhook/<case>.json`.
+fn check_golden(case: &str, stored: &Pod) {
+    let actual = json!({
+        "annotations": stored.metadata.annotations,
+        "spec": stored.spec,
+    });
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/webhook")
+        .join(format!("{case}.json"));
+    if std::env::var_os("LLMESH_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let text = serde_json::to_string_pretty(&actual).unwrap();
+        std::fs::write(&path, text + "\n").unwrap();
+    }
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{}: {e} (LLMESH_UPDATE_GOLDEN=1 writes it)", path.display())
+        }))
+        .unwrap();
+    assert_eq!(actual, expected, "{case}: differs from {}", path.display());
+}
+
+#[tokio::test]
+async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
+    let plane = ControlPlane::shared().await;
+    install_crd(plane).await;
+    let client = plane.client().await.unwrap();
+    let group = "inject";
+    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
+    let ns = plane.namespace("inject").await.unwrap();
+    let unlabelled = plane.namespace("unlabelled").await.unwrap();
+    let opted_in = json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group});
+    label(&client, &ns, opted_in.clone()).await;
+    label(&client, &operator_ns, opted_in).await;
+    label(&client, &unlabelled, json!({GROUP_LABEL: group})).await;
+    for name in ["chat", "embed"] {
+        create_endpoint(&client, &ns, name).await;
+    }
+    create_endpoint(&client, &unlabelled, "chat").await;
+    create_endpoint(&client, &operator_ns, "chat").await;
+
+    let port = free_port();
+    let operator = Operator::start(plane, &operator_ns, port);
+    register_webhook(plane, &client, group, port, &operator_ns).await;
+    // The API server picks up a new configuration within a moment; dry runs call the
+    // webhook (it has no side effects) and store nothing.
+    let probe = pod(
+        "probe",
+        json!({"llmesh.io/endpoints": "chat"}),
+        json!({}),
+        app(),
+    );
+    let ready = eventually(WAIT, || async {
+        let (stored, _) = create(&client, &ns, &probe, true).await;
+        injected(&stored).then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "never injected; operator log:\n{}",
+        operator.logs()
+    );
+
+    let cases = [
+        (
+            "one-endpoint",
+            json!({"llmesh.io/endpoints": "chat"}),
+            app(),
+        ),
+        (
+            "several-endpoints",
+            json!({"llmesh.io/endpoints": "embed,chat"}),
+            app(),
+        ),
+        ("all-endpoints", json!({"llmesh.io/endpoints": "*"}), app()),
+        (
+            "custom-resources",
+            json!({
+                "llmesh.io/endpoints": "chat",
+                "llmesh.io/sidecar-cpu-request": "100m",
+                "llmesh.io/sidecar-memory-request": "128Mi",
+                "llmesh.io/sidecar-cpu-limit": "500m",
+                "llmesh.io/sidecar-memory-limit": "512Mi",
+            }),
+            app(),
+        ),
+        (
+            "own-base-url",
+            json!({"llmesh.io/endpoints": "chat"}),
+            json!([{
+                "name": "app",
+                "image": "example.com/app:1",
+                "env": [{"name": "OPENAI_BASE_URL", "value": "http://proxy.internal/v1"}],
+            }]),
+        ),
+    ];
+    for (case, annotations, containers) in cases {
+        let (stored, warnings) = create(
+            &client,
+            &ns,
+            &pod(case, annotations, json!({}), containers),
+            false,
+        )
+        .await;
+        assert_eq!(warnings, Vec::<String>::new(), "{case}");
+        check_golden(case, &stored);
+    }
+
+    // A missing endpoint: admitted and injected, with a warning kubectl prints.
+    let (stored, warnings) = create(
+        &client,
+        &ns,
+        &pod(
+            "missing",
+            json!({"llmesh.io/endpoints": "chat,ghost"}),
+            json!({}),
+            app(),
+        ),
+        false,
+    )
+    .await;
+    assert!(injected(&stored));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("LlmEndpoint ghost does not exist in this namespace"),
+        "{warnings:?}"
+    );
+
+    // Not injected: stored exactly as sent.
+    let asks = json!({"llmesh.io/endpoints": "chat"});
+    let already = json!([
+        {"name": "app", "image": "example.com/app:1"},
+        {"name": SIDECAR_NAME, "image": "example.com/own-sidecar:1"},
+    ]);
+    let not_injected = [
+        (
+            "unlabelled namespace",
+            &unlabelled,
+            pod("a", asks.clone(), json!({}), app()),
+        ),
+        (
+            "operator namespace",
+            &operator_ns,
+            pod("b", asks.clone(), json!({}), app()),
+        ),
+        (
+            "opted out",
+            &ns,
+            pod(
+                "c",
+                asks.clone(),
+                json!({"llmesh.io/inject": "disabled"}),
+                app(),
+            ),
+        ),
+        ("no annotation", &ns, pod("d", json!({}), json!({}), app())),
+        (
+            "already injected",
+            &ns,
+            pod("e", asks.clone(), json!({}), already),
+        ),
+    ];
+    for (case, namespace, sent) in not_injected {
+        let (stored, warnings) = create(&client, namespace, &sent, false).await;
+        assert_eq!(warnings, Vec::<String>::new(), "{case}");
+        let spec = stored.spec.as_ref().unwrap();
+        assert_eq!(spec.init_containers, None, "{case}");
+        assert_eq!(
+            spec.containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            sent.spec
+                .as_ref()
+                .unwrap()
+                .containers
+                .iter()
+                .map(|c| &c.name)
+                .collect::<Vec<_>>(),
+            "{case}"
+        );
+        assert!(
+            spec.containers.iter().all(|c| c.env.is_none()),
+            "{case}: env added"
+        );
+        assert_eq!(
+            stored.metadata.annotations.unwrap_or_default(),
+            sent.metadata.annotations.clone().unwrap_or_default(),
+            "{case}"
+        );
+    }
+}
