@@ -10,6 +10,7 @@ use llmesh_operator::lease::{Attempt, LeaderLease, LeaseSettings};
 use llmesh_operator::metrics::{self, Metrics};
 use llmesh_operator::webhook::inject::{is_quantity, InjectionSettings, SidecarResources};
 use llmesh_operator::webhook::server::{self as webhook_server, Webhook};
+use llmesh_operator::webhook::skipped;
 use llmesh_operator::webhook::tls::ReloadingCert;
 use llmesh_sidecar::config;
 use tokio::sync::watch;
@@ -194,6 +195,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     metrics.leader.set(1);
+    let (pods, watch_pods) = skipped::pod_index(client.clone(), cli.namespace.as_deref());
+    tokio::spawn(watch_pods);
+    metrics.watch_pods(pods, cli.lease_namespace.clone());
     tracing::info!(%identity, default_environment = %cli.default_environment, namespace = ?cli.namespace, "leading: reconciling");
 
     let settings = Settings {

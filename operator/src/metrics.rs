@@ -15,6 +15,7 @@ use prometheus::{
 };
 
 use crate::crd::LlmEndpoint;
+use crate::webhook::skipped::{without_sidecar, PodIndex};
 
 pub struct Metrics {
     registry: Registry,
@@ -32,6 +33,9 @@ pub struct Metrics {
     /// The controller's cache of LlmEndpoints (set while this replica leads), counted at
     /// scrape time so that deleted objects drop out without bookkeeping.
     endpoint_store: Mutex<Option<Store<LlmEndpoint>>>,
+    pods_without_sidecar: IntGaugeVec,
+    /// The leader's index of pods and the operator's namespace, counted at scrape time.
+    pod_store: Mutex<Option<(PodIndex, String)>>,
 }
 
 impl Metrics {
@@ -95,6 +99,15 @@ impl Metrics {
             &["environment", "ready"],
         )?;
         registry.register(Box::new(endpoints.clone()))?;
+        let pods_without_sidecar = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_operator_pods_without_sidecar",
+                "Pods that ask for the llmesh sidecar (llmesh.io/endpoints) and have none, by their namespace (counted by the leader).",
+            ),
+            // Not `namespace`, which the scrape's target label (the operator's own) takes.
+            &["pod_namespace"],
+        )?;
+        registry.register(Box::new(pods_without_sidecar.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -108,12 +121,35 @@ impl Metrics {
             admission_duration,
             endpoints,
             endpoint_store: Mutex::new(None),
+            pods_without_sidecar,
+            pod_store: Mutex::new(None),
         })
     }
 
     pub fn watch_endpoints(&self, store: Store<LlmEndpoint>) {
         if let Ok(mut slot) = self.endpoint_store.lock() {
             *slot = Some(store);
+        }
+    }
+
+    pub fn watch_pods(&self, store: PodIndex, operator_namespace: String) {
+        if let Ok(mut slot) = self.pod_store.lock() {
+            *slot = Some((store, operator_namespace));
+        }
+    }
+
+    fn count_pods_without_sidecar(&self) {
+        self.pods_without_sidecar.reset();
+        let Ok(slot) = self.pod_store.lock() else {
+            return;
+        };
+        let Some((store, operator_namespace)) = slot.as_ref() else {
+            return;
+        };
+        for (namespace, count) in without_sidecar(&store.state(), operator_namespace) {
+            self.pods_without_sidecar
+                .with_label_values(&[namespace.as_str()])
+                .set(count);
         }
     }
 
@@ -161,6 +197,7 @@ impl Metrics {
     /// The exposition text served at `/metrics`.
     pub fn render(&self) -> Vec<u8> {
         self.count_endpoints();
+        self.count_pods_without_sidecar();
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

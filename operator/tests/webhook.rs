@@ -36,21 +36,31 @@ struct Operator {
 }
 
 impl Operator {
-    /// An operator process serving the webhook on `port`, with the operator's namespace
-    /// `operator_ns`.
-    fn start(plane: &ControlPlane, operator_ns: &str, port: u16) -> Self {
+    /// An operator process with the operator's namespace `operator_ns`, serving the webhook
+    /// on `webhook_port` when given, its admin endpoints on `admin_port`.
+    fn start(
+        plane: &ControlPlane,
+        operator_ns: &str,
+        webhook_port: Option<u16>,
+        admin_port: u16,
+    ) -> Self {
         let certs = tempfile::tempdir().unwrap();
         let serving = plane.issue_serving_cert("llmesh-webhook").unwrap();
         std::fs::write(certs.path().join(CERT_FILE), &serving.cert_pem).unwrap();
         std::fs::write(certs.path().join(KEY_FILE), &serving.key_pem).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llmesh-operator"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_llmesh-operator"));
+        command
             .env("KUBECONFIG", &plane.kubeconfig)
             .args(["--lease-namespace", operator_ns])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .args(["--webhook-listen", &format!("127.0.0.1:{port}")])
-            .arg("--webhook-cert-dir")
-            .arg(certs.path())
-            .args(["--sidecar-image", "ghcr.io/llmesh/sidecar:test"])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--sidecar-image", "ghcr.io/llmesh/sidecar:test"]);
+        if let Some(port) = webhook_port {
+            command
+                .args(["--webhook-listen", &format!("127.0.0.1:{port}")])
+                .arg("--webhook-cert-dir")
+                .arg(certs.path());
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -199,6 +209,42 @@ async fn create(client: &kube::Client, ns: &str, pod: &Pod, dry_run: bool) -> (P
     (serde_json::from_slice(&body).unwrap(), warnings)
 }
 
+/// The API server picks up a new configuration within a moment; dry runs call the webhook
+/// (it has no side effects) and store nothing.
+async fn wait_for_injection(client: &kube::Client, ns: &str, operator: &Operator) {
+    let probe = pod(
+        "probe",
+        json!({"llmesh.io/endpoints": "chat"}),
+        json!({}),
+        app(),
+    );
+    let ready = eventually(WAIT, || async {
+        let (stored, _) = create(client, ns, &probe, true).await;
+        injected(&stored).then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "never injected; operator log:\n{}",
+        operator.logs()
+    );
+}
+
+/// `GET /metrics` on the operator's admin port.
+async fn metrics_text(admin_port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: operator\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    Some(text)
+}
+
 fn injected(pod: &Pod) -> bool {
     pod.spec
         .as_ref()
@@ -252,26 +298,9 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
     create_endpoint(&client, &operator_ns, "chat").await;
 
     let port = free_port();
-    let operator = Operator::start(plane, &operator_ns, port);
+    let operator = Operator::start(plane, &operator_ns, Some(port), free_port());
     register_webhook(plane, &client, group, port, &operator_ns).await;
-    // The API server picks up a new configuration within a moment; dry runs call the
-    // webhook (it has no side effects) and store nothing.
-    let probe = pod(
-        "probe",
-        json!({"llmesh.io/endpoints": "chat"}),
-        json!({}),
-        app(),
-    );
-    let ready = eventually(WAIT, || async {
-        let (stored, _) = create(&client, &ns, &probe, true).await;
-        injected(&stored).then_some(())
-    })
-    .await;
-    assert!(
-        ready.is_some(),
-        "never injected; operator log:\n{}",
-        operator.logs()
-    );
+    wait_for_injection(&client, &ns, &operator).await;
 
     let cases = [
         (
@@ -398,4 +427,52 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
             "{case}"
         );
     }
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_pods_are_created_and_counted_without_sidecar() {
+    let plane = ControlPlane::shared().await;
+    install_crd(plane).await;
+    let client = plane.client().await.unwrap();
+    let group = "down";
+    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
+    let ns = plane.namespace("down").await.unwrap();
+    label(
+        &client,
+        &ns,
+        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
+    )
+    .await;
+    create_endpoint(&client, &ns, "chat").await;
+    let port = free_port();
+    let serving = Operator::start(plane, &operator_ns, Some(port), free_port());
+    register_webhook(plane, &client, group, port, &operator_ns).await;
+    wait_for_injection(&client, &ns, &serving).await;
+
+    // The only webhook process stops; another replica, without the webhook, leads (on its
+    // own lease: the killed one's would hold for a lease duration).
+    drop(serving);
+    let standby_ns = plane.namespace("llmesh-standby").await.unwrap();
+    let admin_port = free_port();
+    let leader = Operator::start(plane, &standby_ns, None, admin_port);
+    let asks = pod(
+        "while-down",
+        json!({"llmesh.io/endpoints": "chat"}),
+        json!({}),
+        app(),
+    );
+    let (stored, _) = create(&client, &ns, &asks, false).await;
+    assert!(!injected(&stored), "created as sent (failurePolicy Ignore)");
+    let expected = format!("llmesh_operator_pods_without_sidecar{{pod_namespace=\"{ns}\"}} 1");
+    let counted = eventually(WAIT, || async {
+        metrics_text(admin_port)
+            .await
+            .filter(|text| text.contains(&expected))
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "{expected} never exported; operator log:\n{}",
+        leader.logs()
+    );
 }

@@ -4,4 +4,5 @@
 pub mod config;
 pub mod inject;
 pub mod server;
+pub mod skipped;
 pub mod tls;
