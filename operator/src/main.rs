@@ -1,5 +1,5 @@
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use clap::Parser;
 use llmesh_operator::controller::{self, Settings};
 use llmesh_operator::lease::{Attempt, LeaderLease, LeaseSettings};
 use llmesh_operator::metrics::{self, Metrics};
+use llmesh_operator::webhook::certs::{self, ManagedCertSettings};
 use llmesh_operator::webhook::inject::{is_quantity, InjectionSettings, SidecarResources};
 use llmesh_operator::webhook::server::{self as webhook_server, Webhook};
 use llmesh_operator::webhook::skipped;
@@ -54,6 +55,44 @@ struct Cli {
     /// pair is served without a restart. Without it, no webhook is served.
     #[arg(long, env = "LLMESH_WEBHOOK_CERT_DIR")]
     webhook_cert_dir: Option<PathBuf>,
+    /// The operator issues the webhook's certificate itself (a CA and a serving certificate
+    /// in a Secret of its namespace), renews it and patches the CA into the webhook
+    /// configuration's `caBundle`. The alternative to `--webhook-cert-dir`.
+    #[arg(
+        long,
+        env = "LLMESH_WEBHOOK_MANAGED_TLS",
+        conflicts_with = "webhook_cert_dir"
+    )]
+    webhook_managed_tls: bool,
+    /// The Secret (in the operator's namespace) holding the managed CA and certificate.
+    #[arg(
+        long,
+        env = "LLMESH_WEBHOOK_SECRET",
+        default_value = "llmesh-webhook-tls"
+    )]
+    webhook_secret: String,
+    /// The MutatingWebhookConfiguration whose `caBundle` the managed CA goes into.
+    #[arg(
+        long,
+        env = "LLMESH_WEBHOOK_CONFIGURATION",
+        default_value = "llmesh-sidecar-injector"
+    )]
+    webhook_configuration: String,
+    /// The Service in front of the webhook: the managed certificate is issued for
+    /// `<service>.<namespace>.svc`.
+    #[arg(
+        long,
+        env = "LLMESH_WEBHOOK_SERVICE",
+        default_value = "llmesh-operator-webhook"
+    )]
+    webhook_service: String,
+    /// More names for the managed certificate, comma-separated (IP addresses become IP names).
+    #[arg(long, env = "LLMESH_WEBHOOK_CERT_EXTRA_NAMES", value_delimiter = ',')]
+    webhook_cert_extra_names: Vec<String>,
+    /// How long a managed serving certificate is valid; it is renewed when a third is left,
+    /// and its CA lives ten times as long.
+    #[arg(long, env = "LLMESH_WEBHOOK_CERT_VALIDITY", default_value = "720h")]
+    webhook_cert_validity: config::Duration,
     /// How often the certificate files are re-read.
     #[arg(long, env = "LLMESH_WEBHOOK_CERT_RELOAD", default_value = "10s")]
     webhook_cert_reload: config::Duration,
@@ -90,6 +129,28 @@ struct Cli {
 const DEFAULT_SIDECAR_IMAGE: &str = concat!("ghcr.io/llmesh/sidecar:", env!("CARGO_PKG_VERSION"));
 
 impl Cli {
+    fn managed_cert_settings(&self) -> ManagedCertSettings {
+        let service = &self.webhook_service;
+        let namespace = &self.lease_namespace;
+        let mut names = vec![
+            format!("{service}.{namespace}.svc"),
+            format!("{service}.{namespace}.svc.cluster.local"),
+        ];
+        names.extend(
+            self.webhook_cert_extra_names
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty()),
+        );
+        ManagedCertSettings {
+            namespace: namespace.clone(),
+            secret_name: self.webhook_secret.clone(),
+            configuration_name: self.webhook_configuration.clone(),
+            names,
+            validity: self.webhook_cert_validity.get(),
+        }
+    }
+
     fn injection_settings(&self) -> anyhow::Result<InjectionSettings> {
         let defaults = SidecarResources::default();
         let pick = |flag: &Option<String>, name: &str, default: Option<String>| match flag
@@ -156,20 +217,25 @@ async fn main() -> anyhow::Result<()> {
         move |req| metrics::admin(Arc::clone(&admin_metrics), req),
     ));
 
-    match &cli.webhook_cert_dir {
-        Some(dir) => {
+    let webhook_tls = match (&cli.webhook_cert_dir, cli.webhook_managed_tls) {
+        (Some(dir), _) => Some(WebhookTls::Files(dir.clone())),
+        (None, true) => Some(WebhookTls::Managed(cli.managed_cert_settings())),
+        (None, false) => None,
+    };
+    match webhook_tls {
+        Some(tls) => {
             start_webhook(
                 &cli,
-                dir,
+                tls,
                 client.clone(),
                 Arc::clone(&metrics),
                 admin_stop.subscribe(),
             )
             .await?
         }
-        None => {
-            tracing::info!("no --webhook-cert-dir: the sidecar-injection webhook is not served")
-        }
+        None => tracing::info!(
+            "neither --webhook-managed-tls nor --webhook-cert-dir: the sidecar-injection webhook is not served"
+        ),
     }
 
     let identity = cli
@@ -224,34 +290,72 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the injection webhook in the background: it answers once its index of
-/// LlmEndpoints is loaded, so that `*` and the missing-endpoint warnings are right from the
-/// first pod.
+/// Where the webhook's certificate comes from.
+enum WebhookTls {
+    /// Files that something else renews (cert-manager), re-read periodically.
+    Files(PathBuf),
+    /// A Secret that the operator itself issues, renews and puts into `caBundle`.
+    Managed(ManagedCertSettings),
+}
+
+/// Starts the injection webhook in the background: it answers once its certificate is
+/// there and its index of LlmEndpoints is loaded, so that `*` and the missing-endpoint
+/// warnings are right from the first pod.
 async fn start_webhook(
     cli: &Cli,
-    cert_dir: &Path,
+    tls: WebhookTls,
     client: kube::Client,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let settings = cli.injection_settings()?;
-    let certificate = ReloadingCert::load(cert_dir).context("webhook certificate")?;
-    let tls = Arc::new(certificate.server_config()?);
-    tokio::spawn(Arc::clone(&certificate).keep_reloading(cli.webhook_cert_reload.get()));
+    // From files, a missing certificate stops the start (a mount is wrong); a managed one
+    // is waited for (the API may be briefly unreachable).
+    let from_files = match &tls {
+        WebhookTls::Files(dir) => {
+            let certificate = ReloadingCert::load(dir).context("webhook certificate")?;
+            tokio::spawn(
+                Arc::clone(&certificate).keep_reloading(dir.clone(), cli.webhook_cert_reload.get()),
+            );
+            Some(certificate)
+        }
+        WebhookTls::Managed(_) => None,
+    };
     let listener = tokio::net::TcpListener::bind(cli.webhook_listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.webhook_listen))?;
     let (endpoints, watch_endpoints) =
-        webhook_server::endpoint_index(client, cli.namespace.as_deref());
+        webhook_server::endpoint_index(client.clone(), cli.namespace.as_deref());
     tokio::spawn(watch_endpoints);
     let webhook = Arc::new(Webhook {
         settings,
         endpoints,
         operator_namespace: cli.lease_namespace.clone(),
-        metrics,
+        metrics: Arc::clone(&metrics),
     });
     let address = cli.webhook_listen;
     tokio::spawn(async move {
+        let certificate = match (from_files, tls) {
+            (Some(certificate), _) => certificate,
+            (None, WebhookTls::Managed(managed)) => {
+                let certificate = certs::first_certificate(&client, &managed, &metrics).await;
+                tokio::spawn(certs::keep_current(
+                    client,
+                    managed,
+                    Arc::clone(&certificate),
+                    metrics,
+                ));
+                certificate
+            }
+            (None, WebhookTls::Files(_)) => return,
+        };
+        let tls = match certificate.server_config() {
+            Ok(tls) => Arc::new(tls),
+            Err(error) => {
+                tracing::error!(%error, "cannot configure the webhook's TLS");
+                return;
+            }
+        };
         if webhook.endpoints.wait_until_ready().await.is_err() {
             return;
         }

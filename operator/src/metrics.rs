@@ -29,6 +29,9 @@ pub struct Metrics {
     pub admissions: IntCounterVec,
     /// The webhook's own time per admission, from the request body read to the answer.
     pub admission_duration: Histogram,
+    /// When the served webhook certificate expires (unix seconds), when the operator
+    /// manages it.
+    pub certificate_expiry: IntGauge,
     endpoints: IntGaugeVec,
     /// The controller's cache of LlmEndpoints (set while this replica leads), counted at
     /// scrape time so that deleted objects drop out without bookkeeping.
@@ -90,6 +93,11 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(admissions.clone()))?;
+        let certificate_expiry = IntGauge::new(
+            "llmesh_operator_webhook_certificate_expiry_timestamp_seconds",
+            "When the webhook's serving certificate expires (unix time), while the operator manages it.",
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(admission_duration.clone()))?;
         let endpoints = IntGaugeVec::new(
             Opts::new(
@@ -119,6 +127,7 @@ impl Metrics {
             leader,
             admissions,
             admission_duration,
+            certificate_expiry,
             endpoints,
             endpoint_store: Mutex::new(None),
             pods_without_sidecar,

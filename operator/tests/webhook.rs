@@ -14,7 +14,7 @@ use common::{eventually, install_crd};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use llmesh_operator::crd::LlmEndpoint;
@@ -44,6 +44,18 @@ impl Operator {
         webhook_port: Option<u16>,
         admin_port: u16,
     ) -> Self {
+        Self::start_with(plane, operator_ns, webhook_port, admin_port, &[])
+    }
+
+    /// As `start`; with `extra` arguments and no `webhook_port`, the webhook is served on
+    /// whatever `extra` says.
+    fn start_with(
+        plane: &ControlPlane,
+        operator_ns: &str,
+        webhook_port: Option<u16>,
+        admin_port: u16,
+        extra: &[String],
+    ) -> Self {
         let certs = tempfile::tempdir().unwrap();
         let serving = plane.issue_serving_cert("llmesh-webhook").unwrap();
         std::fs::write(certs.path().join(CERT_FILE), &serving.cert_pem).unwrap();
@@ -61,6 +73,7 @@ impl Operator {
                 .arg(certs.path());
         }
         let mut child = command
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -111,13 +124,24 @@ async fn register_webhook(
     port: u16,
     operator_ns: &str,
 ) {
+    register_webhook_trusting(client, group, port, operator_ns, Some(&plane.ca_pem())).await;
+}
+
+/// As `register_webhook`, trusting `ca_bundle` (none: the operator patches it in).
+async fn register_webhook_trusting(
+    client: &kube::Client,
+    group: &str,
+    port: u16,
+    operator_ns: &str,
+    ca_bundle: Option<&str>,
+) {
     let mut configuration = mutating_webhook_configuration(
         &format!("llmesh-test-{group}"),
         WebhookClientConfig {
             url: Some(format!("https://127.0.0.1:{port}/mutate")),
             ..WebhookClientConfig::default()
         },
-        Some(&plane.ca_pem()),
+        ca_bundle,
         operator_ns,
     );
     for webhook in configuration.webhooks.iter_mut().flatten() {
@@ -474,5 +498,155 @@ async fn with_the_webhook_down_pods_are_created_and_counted_without_sidecar() {
         counted.is_some(),
         "{expected} never exported; operator log:\n{}",
         leader.logs()
+    );
+}
+
+/// The certificate the server on 127.0.0.1:`port` presents, verified against `ca_pem`.
+async fn served_certificate(port: u16, ca_pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.ok()?).ok()?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?.first()?.to_vec())
+}
+
+fn secret_text(secret: &Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn the_operator_issues_renews_and_serves_its_own_certificate() {
+    let plane = ControlPlane::shared().await;
+    install_crd(plane).await;
+    let client = plane.client().await.unwrap();
+    let group = "managed";
+    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
+    let ns = plane.namespace("managed").await.unwrap();
+    label(
+        &client,
+        &ns,
+        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
+    )
+    .await;
+    create_endpoint(&client, &ns, "chat").await;
+    // No caBundle: the operator puts its own CA there.
+    let port = free_port();
+    register_webhook_trusting(&client, group, port, &operator_ns, None).await;
+    let admin_port = free_port();
+    let mut operator = Operator::start_with(
+        plane,
+        &operator_ns,
+        None,
+        admin_port,
+        &[
+            "--webhook-managed-tls".into(),
+            format!("--webhook-listen=127.0.0.1:{port}"),
+            format!("--webhook-configuration=llmesh-test-{group}"),
+            "--webhook-cert-extra-names=127.0.0.1".into(),
+            // Renewed when 10 s are left: every 20 s.
+            "--webhook-cert-validity=30s".into(),
+        ],
+    );
+    wait_for_injection(&client, &ns, &operator).await;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &operator_ns);
+    let first = secrets.get("llmesh-webhook-tls").await.unwrap();
+    let ca = secret_text(&first, "ca.crt");
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let ca_bundle = |configuration: MutatingWebhookConfiguration| {
+        configuration.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .map(|b| String::from_utf8(b.0).unwrap())
+    };
+    let configuration_name = format!("llmesh-test-{group}");
+    assert_eq!(
+        ca_bundle(configurations.get(&configuration_name).await.unwrap()),
+        Some(ca.clone())
+    );
+    assert_eq!(
+        served_certificate(port, &ca).await,
+        Some(pem_der(&secret_text(&first, "tls.crt")))
+    );
+
+    let renewed = eventually(Duration::from_secs(40), || async {
+        let secret = secrets.get("llmesh-webhook-tls").await.ok()?;
+        (secret_text(&secret, "tls.crt") != secret_text(&first, "tls.crt")).then_some(secret)
+    })
+    .await
+    .expect("renewed within 40 s");
+    assert_eq!(
+        secret_text(&renewed, "ca.crt"),
+        ca,
+        "the CA outlives renewals"
+    );
+    let new_certificate = pem_der(&secret_text(&renewed, "tls.crt"));
+    let served = eventually(WAIT, || async {
+        (served_certificate(port, &ca).await? == new_certificate).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the renewed certificate is served");
+    assert!(
+        operator.child.try_wait().unwrap().is_none(),
+        "the same process"
+    );
+    assert_eq!(
+        ca_bundle(configurations.get(&configuration_name).await.unwrap()),
+        Some(ca.clone())
+    );
+    let asks = pod(
+        "after-renewal",
+        json!({"llmesh.io/endpoints": "chat"}),
+        json!({}),
+        app(),
+    );
+    let (stored, _) = create(&client, &ns, &asks, false).await;
+    assert!(injected(&stored), "injected after the renewal");
+
+    // The served certificate's expiry, as the Secret records it (read each time: another
+    // renewal may come in between).
+    let exported = eventually(WAIT, || async {
+        let secret = secrets.get("llmesh-webhook-tls").await.ok()?;
+        let not_after = secret
+            .metadata
+            .annotations?
+            .get("llmesh.io/not-after")?
+            .clone();
+        let expected =
+            format!("llmesh_operator_webhook_certificate_expiry_timestamp_seconds {not_after}");
+        metrics_text(admin_port)
+            .await
+            .filter(|text| text.contains(&expected))
+    })
+    .await;
+    assert!(
+        exported.is_some(),
+        "expiry metric; log:\n{}",
+        operator.logs()
     );
 }

@@ -1,6 +1,6 @@
-//! The webhook's serving certificate, re-read from its files while the server runs: a
-//! renewed certificate (a rotated Secret volume, cert-manager's renewal) is served to the
-//! next handshake, without a restart.
+//! The webhook's serving certificate, replaced while the server runs: re-read from its
+//! files (a mounted Secret that cert-manager renews) or set from the Secret the operator
+//! manages, and served from the next handshake on, without a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,10 +24,10 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} holds no PEM certificate")]
-    NoCertificate { path: PathBuf },
-    #[error("{path} holds no PEM private key")]
-    NoKey { path: PathBuf },
+    #[error("{origin} holds no PEM certificate")]
+    NoCertificate { origin: String },
+    #[error("{origin} holds no PEM private key")]
+    NoKey { origin: String },
     #[error("the certificate and key do not make a usable pair: {0}")]
     Unusable(rustls::Error),
 }
@@ -39,59 +39,71 @@ struct Loaded {
     certified: Arc<CertifiedKey>,
 }
 
-/// A rustls certificate resolver that serves the latest good pair of `tls.crt` and
-/// `tls.key` from one directory.
+/// A rustls certificate resolver that serves the latest good certificate and key.
 pub struct ReloadingCert {
-    dir: PathBuf,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Loaded>,
 }
 
 impl std::fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReloadingCert")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("ReloadingCert").finish_non_exhaustive()
     }
 }
 
 impl ReloadingCert {
-    /// Reads the pair once; the server does not start without one.
-    pub fn load(dir: &Path) -> Result<Arc<Self>, TlsError> {
+    /// Starts from a PEM pair; `source` names it in errors (never its content: the key
+    /// must not reach a log).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], source: &str) -> Result<Arc<Self>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let loaded = read_pair(dir, &provider)?;
+        let certified = certified_key(cert_pem, key_pem, source, &provider)?;
         Ok(Arc::new(Self {
-            dir: dir.to_path_buf(),
             provider,
-            current: ArcSwap::from_pointee(loaded),
+            current: ArcSwap::from_pointee(Loaded {
+                cert_pem: cert_pem.to_vec(),
+                key_pem: key_pem.to_vec(),
+                certified,
+            }),
         }))
     }
 
-    /// Re-reads the files; returns whether a new pair is now served. A pair that does not
-    /// load (for example read half-way through the kubelet's swap of the volume, a new
-    /// certificate with the old key) leaves the previous one in place until the next read.
-    pub fn reload(&self) -> Result<bool, TlsError> {
-        let (cert_pem, key_pem) = read_files(&self.dir)?;
+    /// Reads `tls.crt` and `tls.key` from `dir` once; the server does not start without them.
+    pub fn load(dir: &Path) -> Result<Arc<Self>, TlsError> {
+        let (cert_pem, key_pem) = read_files(dir)?;
+        Self::from_pem(&cert_pem, &key_pem, &dir.display().to_string())
+    }
+
+    /// Serves this pair from now on, unless it is the one served already; returns whether it
+    /// changed. A pair that does not load leaves the previous one in place.
+    pub fn set(&self, cert_pem: &[u8], key_pem: &[u8], source: &str) -> Result<bool, TlsError> {
         let current = self.current.load();
         if current.cert_pem == cert_pem && current.key_pem == key_pem {
             return Ok(false);
         }
-        let certified = certified_key(&self.dir, &cert_pem, &key_pem, &self.provider)?;
+        let certified = certified_key(cert_pem, key_pem, source, &self.provider)?;
         self.current.store(Arc::new(Loaded {
-            cert_pem,
-            key_pem,
+            cert_pem: cert_pem.to_vec(),
+            key_pem: key_pem.to_vec(),
             certified,
         }));
         Ok(true)
     }
 
-    /// Re-reads the files every `every`, for as long as the server runs.
-    pub async fn keep_reloading(self: Arc<Self>, every: Duration) {
+    /// Re-reads the files of `dir`; returns whether a new pair is now served. A pair that
+    /// does not load (for example read half-way through the kubelet's swap of the volume, a
+    /// new certificate with the old key) leaves the previous one in place until the next read.
+    pub fn reload(&self, dir: &Path) -> Result<bool, TlsError> {
+        let (cert_pem, key_pem) = read_files(dir)?;
+        self.set(&cert_pem, &key_pem, &dir.display().to_string())
+    }
+
+    /// Re-reads the files of `dir` every `every`, for as long as the server runs.
+    pub async fn keep_reloading(self: Arc<Self>, dir: PathBuf, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            match self.reload() {
+            match self.reload(&dir) {
                 Ok(true) => {
-                    tracing::info!(dir = %self.dir.display(), "serving a new webhook certificate")
+                    tracing::info!(dir = %dir.display(), "serving a new webhook certificate")
                 }
                 Ok(false) => {}
                 Err(error) => {
@@ -128,33 +140,22 @@ fn read_files(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
     Ok((read(CERT_FILE)?, read(KEY_FILE)?))
 }
 
-fn read_pair(dir: &Path, provider: &CryptoProvider) -> Result<Loaded, TlsError> {
-    let (cert_pem, key_pem) = read_files(dir)?;
-    let certified = certified_key(dir, &cert_pem, &key_pem, provider)?;
-    Ok(Loaded {
-        cert_pem,
-        key_pem,
-        certified,
-    })
-}
-
 fn certified_key(
-    dir: &Path,
     cert_pem: &[u8],
     key_pem: &[u8],
+    source: &str,
     provider: &CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, TlsError> {
-    // Errors name the file, never its content: the key must not reach a log.
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .filter_map(Result::ok)
         .collect();
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
-            path: dir.join(CERT_FILE),
+            origin: source.to_string(),
         });
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::NoKey {
-        path: dir.join(KEY_FILE),
+        origin: source.to_string(),
     })?;
     CertifiedKey::from_der(chain, key, provider)
         .map(Arc::new)
@@ -182,27 +183,27 @@ mod tests {
         let first = write_pair(dir.path(), "first.example");
         let resolver = ReloadingCert::load(dir.path()).unwrap();
         assert_eq!(served(&resolver), first.cert.der().to_vec());
-        assert!(!resolver.reload().unwrap(), "nothing changed");
+        assert!(!resolver.reload(dir.path()).unwrap(), "nothing changed");
 
         let second = write_pair(dir.path(), "second.example");
-        assert!(resolver.reload().unwrap());
+        assert!(resolver.reload(dir.path()).unwrap());
         assert_eq!(served(&resolver), second.cert.der().to_vec());
 
         // A new certificate beside the old key (a read during the volume swap) keeps the
         // pair that works.
         let third = rcgen::generate_simple_self_signed(vec!["third.example".into()]).unwrap();
         std::fs::write(dir.path().join(CERT_FILE), third.cert.pem()).unwrap();
-        assert!(matches!(resolver.reload(), Err(TlsError::Unusable(_))));
+        assert!(matches!(
+            resolver.reload(dir.path()),
+            Err(TlsError::Unusable(_))
+        ));
         assert_eq!(served(&resolver), second.cert.der().to_vec());
 
         std::fs::write(dir.path().join(KEY_FILE), "not a key").unwrap();
-        let error = resolver.reload().unwrap_err();
+        let error = resolver.reload(dir.path()).unwrap_err();
         assert_eq!(
             error.to_string(),
-            format!(
-                "{} holds no PEM private key",
-                dir.path().join(KEY_FILE).display()
-            )
+            format!("{} holds no PEM private key", dir.path().display())
         );
     }
 
