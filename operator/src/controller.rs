@@ -47,6 +47,8 @@ pub struct Context {
     pub default_environment: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The controller's cache of LlmEndpoints: whether the ones named in `fallbacks` exist.
+    pub endpoints: Store<LlmEndpoint>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +81,9 @@ pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>
     metrics.watch_endpoints(endpoints.clone());
     let by_secret = endpoints.clone();
     let by_namespace = endpoints.clone();
+    let by_fallback = endpoints.clone();
     let context = Arc::new(Context {
+        endpoints: endpoints.clone(),
         client: client.clone(),
         default_environment: settings.default_environment.clone(),
         recorder: Recorder::new(
@@ -98,6 +102,12 @@ pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>
         .watches(secrets, watcher::Config::default(), move |secret| {
             endpoints_using_secret(&by_secret, &secret)
         })
+        // An endpoint created or deleted: re-check the endpoints that fall back to it.
+        .watches(
+            scoped(&client),
+            watcher::Config::default(),
+            move |endpoint| endpoints_falling_back_to(&by_fallback, &endpoint),
+        )
         // A namespace's environment label changed: re-render everything in it.
         .watches(
             Api::<Namespace>::all(client),
@@ -129,6 +139,26 @@ fn endpoints_using_secret(
                 .chain(e.spec.environments.values())
                 .flat_map(|s| [&s.secret_ref, &s.redis_password_secret_ref])
                 .any(|r| r.as_ref().is_some_and(|r| r.name == name))
+        })
+        .map(|e| ObjectRef::from_obj(e.as_ref()))
+        .collect()
+}
+
+fn endpoints_falling_back_to(
+    store: &Store<LlmEndpoint>,
+    target: &LlmEndpoint,
+) -> Vec<ObjectRef<LlmEndpoint>> {
+    let namespace = target.namespace();
+    let name = target.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|e| e.namespace() == namespace && e.name_any() != name)
+        .filter(|e| {
+            std::iter::once(&e.spec.base)
+                .chain(e.spec.environments.values())
+                .filter_map(|s| s.fallbacks.as_ref())
+                .any(|fallbacks| fallbacks.contains(&name))
         })
         .map(|e| ObjectRef::from_obj(e.as_ref()))
         .collect()
@@ -291,6 +321,15 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
             generation,
         )
     };
+    let existing: Vec<String> = ctx
+        .endpoints
+        .state()
+        .iter()
+        .filter(|e| e.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|e| e.name_any())
+        .collect();
+    let fallbacks_condition =
+        fallbacks_condition(&rendering.config.fallbacks, &existing, generation);
     let status = LlmEndpointStatus {
         observed_generation: generation,
         environment: Some(environment.clone()),
@@ -306,6 +345,7 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
                 generation,
             ),
             credentials_condition,
+            fallbacks_condition,
             ready_condition,
         ],
     };
@@ -526,6 +566,48 @@ async fn update_status(
     Ok(())
 }
 
+/// `FallbacksResolved`: a warning, not a failure, since endpoints may be created in any
+/// order and the sidecar skips a fallback it does not know.
+fn fallbacks_condition(
+    fallbacks: &[String],
+    existing: &[String],
+    generation: Option<i64>,
+) -> Condition {
+    let missing: Vec<&str> = fallbacks
+        .iter()
+        .filter(|f| !existing.contains(f))
+        .map(String::as_str)
+        .collect();
+    if fallbacks.is_empty() {
+        condition(
+            "FallbacksResolved",
+            true,
+            "NoFallbacks",
+            "no fallbacks",
+            generation,
+        )
+    } else if missing.is_empty() {
+        condition(
+            "FallbacksResolved",
+            true,
+            "Found",
+            "every fallback exists in this namespace",
+            generation,
+        )
+    } else {
+        condition(
+            "FallbacksResolved",
+            false,
+            "FallbackNotFound",
+            &format!(
+                "no LlmEndpoint {} in this namespace: requests do not fall back there until it exists",
+                missing.join(", ")
+            ),
+            generation,
+        )
+    }
+}
+
 fn condition(
     type_: &str,
     status: bool,
@@ -564,5 +646,39 @@ async fn publish(
         .await
     {
         tracing::warn!(%error, "cannot publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn missing_fallbacks_are_named_in_a_false_condition() {
+        let c = fallbacks_condition(
+            &names(&["backup", "azure", "spare"]),
+            &names(&["chat", "azure"]),
+            Some(3),
+        );
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "FallbackNotFound")
+        );
+        assert_eq!(
+            c.message,
+            "no LlmEndpoint backup, spare in this namespace: requests do not fall back there until it exists"
+        );
+        assert_eq!(c.observed_generation, Some(3));
+        let c = fallbacks_condition(&names(&["azure"]), &names(&["azure"]), None);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Found"));
+        let c = fallbacks_condition(&[], &[], None);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "NoFallbacks")
+        );
     }
 }

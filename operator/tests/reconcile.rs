@@ -427,3 +427,39 @@ async fn deleting_the_endpoint_removes_what_it_owned() {
         "the ConfigMap and Secret were garbage-collected"
     );
 }
+
+#[tokio::test]
+async fn a_fallback_that_does_not_exist_yet_is_a_status_warning_until_it_does() {
+    let s = setup("fallbacks", "dev").await;
+    create_endpoint_with(
+        &s.client,
+        &s.ns,
+        "chat",
+        json!({"provider": "mock", "model": "m", "fallbacks": ["backup"]}),
+    )
+    .await;
+    let missing = |e: &LlmEndpoint| {
+        is_ready(e)
+            && condition(e, "FallbacksResolved")
+                .is_some_and(|c| c.status == "False" && c.reason == "FallbackNotFound")
+    };
+    let endpoint = wait_status(&s.client, &s.ns, "chat", missing).await;
+    let message = &condition(&endpoint, "FallbacksResolved").unwrap().message;
+    assert!(
+        message.starts_with("no LlmEndpoint backup in this namespace"),
+        "{message}"
+    );
+
+    // Created afterwards: endpoints may come in any order.
+    create_endpoint_with(
+        &s.client,
+        &s.ns,
+        "backup",
+        json!({"provider": "mock", "model": "m"}),
+    )
+    .await;
+    wait_status(&s.client, &s.ns, "chat", |e| {
+        condition(e, "FallbacksResolved").is_some_and(|c| c.status == "True" && c.reason == "Found")
+    })
+    .await;
+}
