@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use kube::runtime::events::{Recorder, Reporter};
 use llmesh_operator::controller::{self, Settings};
 use llmesh_operator::lease::{Attempt, LeaderLease, LeaseSettings};
 use llmesh_operator::metrics::{self, Metrics};
@@ -332,6 +333,13 @@ async fn start_webhook(
         endpoints,
         operator_namespace: cli.lease_namespace.clone(),
         metrics: Arc::clone(&metrics),
+        events: Some(Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "llmesh-operator-webhook".into(),
+                instance: cli.identity.clone(),
+            },
+        )),
     });
     let address = cli.webhook_listen;
     tokio::spawn(async move {

@@ -390,6 +390,27 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
         warnings[0].contains("LlmEndpoint ghost does not exist in this namespace"),
         "{warnings:?}"
     );
+    // And an Event about the pod says the same.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let published = eventually(WAIT, || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("SidecarInjectionWarning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("missing")
+            })
+    })
+    .await
+    .expect("an Event about the pod");
+    assert_eq!(published.type_.as_deref(), Some("Warning"));
+    assert!(published
+        .note
+        .unwrap_or_default()
+        .contains("LlmEndpoint ghost does not exist"),);
 
     // Not injected: stored exactly as sent.
     let asks = json!({"llmesh.io/endpoints": "chat"});

@@ -16,9 +16,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{Api, PartialObjectMeta};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
@@ -37,6 +38,8 @@ pub const MUTATE_PATH: &str = "/mutate";
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// A client that has not finished its TLS handshake or request headers by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server refuses Event notes longer than 1 kB.
+const MAX_EVENT_NOTE: usize = 1000;
 /// Connections still open at shutdown get this long to finish their answer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -74,6 +77,8 @@ pub struct Webhook {
     /// broken webhook cannot stop the operator's pods.
     pub operator_namespace: String,
     pub metrics: Arc<Metrics>,
+    /// Publishes the admission warnings as Events too (absent in unit tests).
+    pub events: Option<Recorder>,
 }
 
 impl Webhook {
@@ -95,6 +100,7 @@ impl Webhook {
                     Ok(Decision::AlreadyInjected) => "already_injected",
                     Ok(Decision::Skipped { warnings }) => {
                         tracing::info!(namespace, pod = %pod_name(pod), ?warnings, "sidecar not injected");
+                        self.publish(request, pod, &namespace, &warnings);
                         response.warnings = Some(warnings);
                         "skipped"
                     }
@@ -111,6 +117,7 @@ impl Webhook {
                                     "sidecar injected"
                                 );
                                 if !warnings.is_empty() {
+                                    self.publish(request, pod, &namespace, &warnings);
                                     response.warnings = Some(warnings);
                                 }
                                 "injected"
@@ -143,6 +150,41 @@ impl Webhook {
         "error"
     }
 
+    /// The warnings as a Warning Event about the pod's owner (a ReplicaSet, a Job: the pod
+    /// has no name yet when generated), else the pod, in the background so that the answer
+    /// never waits on the API. Dry runs publish nothing.
+    fn publish(
+        &self,
+        request: &AdmissionRequest<Pod>,
+        pod: &Pod,
+        namespace: &str,
+        warnings: &[String],
+    ) {
+        let Some(recorder) = self.events.clone() else {
+            return;
+        };
+        if request.dry_run {
+            return;
+        }
+        let Some(regarding) = regarding(pod, namespace) else {
+            return;
+        };
+        let note: String = warnings.join("; ").chars().take(MAX_EVENT_NOTE).collect();
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "SidecarInjectionWarning".into(),
+            note: Some(note),
+            action: "Inject".into(),
+            secondary: None,
+        };
+        self.metrics.count_write("Event");
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &regarding).await {
+                tracing::warn!(%error, "cannot publish the injection warning as an Event");
+            }
+        });
+    }
+
     fn endpoint_names(&self, namespace: &str) -> Vec<String> {
         self.endpoints
             .state()
@@ -151,6 +193,32 @@ impl Webhook {
             .map(|e| e.name_any())
             .collect()
     }
+}
+
+fn regarding(pod: &Pod, namespace: &str) -> Option<ObjectReference> {
+    if let Some(owner) = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    {
+        return Some(ObjectReference {
+            api_version: Some(owner.api_version.clone()),
+            kind: Some(owner.kind.clone()),
+            name: Some(owner.name.clone()),
+            namespace: Some(namespace.to_string()),
+            uid: Some(owner.uid.clone()),
+            ..ObjectReference::default()
+        });
+    }
+    Some(ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(pod.metadata.name.clone()?),
+        namespace: Some(namespace.to_string()),
+        ..ObjectReference::default()
+    })
 }
 
 /// `metadata.name`, or the `generateName` prefix of a Deployment's or Job's pod, whose
@@ -306,6 +374,7 @@ mod tests {
             endpoints: reader,
             operator_namespace: "llmesh-system".into(),
             metrics: Arc::new(Metrics::new().unwrap()),
+            events: None,
         }
     }
 
