@@ -86,7 +86,7 @@ impl Metrics {
         let admission_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "llmesh_operator_webhook_duration_seconds",
-                "Time the injection webhook takes to answer one pod, without the network.",
+                "Time the injection webhook takes to answer one pod: from the request body read to the answer encoded.",
             )
             .buckets(vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,

@@ -85,7 +85,6 @@ impl Webhook {
     /// The answer to one AdmissionRequest: always allowed (the webhook only adds), with the
     /// patch when it injects and warnings for `kubectl` to print.
     pub fn admit(&self, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
-        let started = Instant::now();
         let mut response = AdmissionResponse::from(request);
         let namespace = request.namespace.clone().unwrap_or_default();
         let outcome = match &request.object {
@@ -130,9 +129,6 @@ impl Webhook {
             }
         };
         self.metrics.admissions.with_label_values(&[outcome]).inc();
-        self.metrics
-            .admission_duration
-            .observe(started.elapsed().as_secs_f64());
         response
     }
 
@@ -307,6 +303,8 @@ async fn handle(webhook: &Webhook, request: Request<Incoming>) -> Response<Full<
         Ok(body) => body.to_bytes(),
         Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot read the body\n"),
     };
+    // From the whole body read to the answer encoded: parsing the review is most of it.
+    let started = Instant::now();
     let review = match serde_json::from_slice::<AdmissionReview<Pod>>(&body)
         .ok()
         .and_then(|review| TryInto::<AdmissionRequest<Pod>>::try_into(review).ok())
@@ -323,7 +321,12 @@ async fn handle(webhook: &Webhook, request: Request<Incoming>) -> Response<Full<
             AdmissionResponse::invalid("not an AdmissionReview of a Pod").into_review()
         }
     };
-    match serde_json::to_vec(&review) {
+    let encoded = serde_json::to_vec(&review);
+    webhook
+        .metrics
+        .admission_duration
+        .observe(started.elapsed().as_secs_f64());
+    match encoded {
         Ok(json) => {
             let mut response = Response::new(Full::new(Bytes::from(json)));
             response.headers_mut().insert(
