@@ -299,6 +299,12 @@ enum WebhookTls {
     Managed(ManagedCertSettings),
 }
 
+enum Certificate {
+    Loaded(Arc<ReloadingCert>),
+    /// Issued (or read from the Secret) once the webhook task starts.
+    Managed(ManagedCertSettings),
+}
+
 /// Starts the injection webhook in the background: it answers once its certificate is
 /// there and its index of LlmEndpoints is loaded, so that `*` and the missing-endpoint
 /// warnings are right from the first pod.
@@ -312,15 +318,15 @@ async fn start_webhook(
     let settings = cli.injection_settings()?;
     // From files, a missing certificate stops the start (a mount is wrong); a managed one
     // is waited for (the API may be briefly unreachable).
-    let from_files = match &tls {
+    let certificate = match tls {
         WebhookTls::Files(dir) => {
-            let certificate = ReloadingCert::load(dir).context("webhook certificate")?;
+            let certificate = ReloadingCert::load(&dir).context("webhook certificate")?;
             tokio::spawn(
-                Arc::clone(&certificate).keep_reloading(dir.clone(), cli.webhook_cert_reload.get()),
+                Arc::clone(&certificate).keep_reloading(dir, cli.webhook_cert_reload.get()),
             );
-            Some(certificate)
+            Certificate::Loaded(certificate)
         }
-        WebhookTls::Managed(_) => None,
+        WebhookTls::Managed(managed) => Certificate::Managed(managed),
     };
     let listener = tokio::net::TcpListener::bind(cli.webhook_listen)
         .await
@@ -343,9 +349,9 @@ async fn start_webhook(
     });
     let address = cli.webhook_listen;
     tokio::spawn(async move {
-        let certificate = match (from_files, tls) {
-            (Some(certificate), _) => certificate,
-            (None, WebhookTls::Managed(managed)) => {
+        let certificate = match certificate {
+            Certificate::Loaded(certificate) => certificate,
+            Certificate::Managed(managed) => {
                 let certificate = certs::first_certificate(&client, &managed, &metrics).await;
                 tokio::spawn(certs::keep_current(
                     client,
@@ -355,7 +361,6 @@ async fn start_webhook(
                 ));
                 certificate
             }
-            (None, WebhookTls::Files(_)) => return,
         };
         let tls = match certificate.server_config() {
             Ok(tls) => Arc::new(tls),
