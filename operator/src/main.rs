@@ -316,6 +316,7 @@ async fn start_webhook(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let settings = cli.injection_settings()?;
+    metrics.expect_webhook();
     // From files, a missing certificate stops the start (a mount is wrong); a managed one
     // is waited for (the API may be briefly unreachable).
     let certificate = match tls {
@@ -373,6 +374,7 @@ async fn start_webhook(
             return;
         }
         tracing::info!(%address, "serving the sidecar-injection webhook");
+        webhook.metrics.webhook_serving.set(1);
         webhook_server::serve(listener, tls, webhook, shutdown).await;
     });
     Ok(())

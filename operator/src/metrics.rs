@@ -32,6 +32,10 @@ pub struct Metrics {
     /// When the served webhook certificate expires (unix seconds), when the operator
     /// manages it.
     pub certificate_expiry: IntGauge,
+    /// 1 once the webhook answers (certificate and LlmEndpoint index loaded), 0 while it
+    /// starts; absent from `/readyz`'s concern when this replica serves no webhook.
+    pub webhook_serving: IntGauge,
+    webhook_enabled: std::sync::atomic::AtomicBool,
     endpoints: IntGaugeVec,
     /// The controller's cache of LlmEndpoints (set while this replica leads), counted at
     /// scrape time so that deleted objects drop out without bookkeeping.
@@ -98,6 +102,11 @@ impl Metrics {
             "When the webhook's serving certificate expires (unix time), while the operator manages it.",
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let webhook_serving = IntGauge::new(
+            "llmesh_operator_webhook_serving",
+            "1 while this replica answers the injection webhook; 0 while it loads its certificate and LlmEndpoint index.",
+        )?;
+        registry.register(Box::new(webhook_serving.clone()))?;
         registry.register(Box::new(admission_duration.clone()))?;
         let endpoints = IntGaugeVec::new(
             Opts::new(
@@ -128,6 +137,8 @@ impl Metrics {
             admissions,
             admission_duration,
             certificate_expiry,
+            webhook_serving,
+            webhook_enabled: std::sync::atomic::AtomicBool::new(false),
             endpoints,
             endpoint_store: Mutex::new(None),
             pods_without_sidecar,
@@ -139,6 +150,20 @@ impl Metrics {
         if let Ok(mut slot) = self.endpoint_store.lock() {
             *slot = Some(store);
         }
+    }
+
+    /// This replica serves the webhook: `/readyz` fails until `webhook_serving` is 1, so
+    /// that the webhook's Service sends the API server only to replicas that answer.
+    pub fn expect_webhook(&self) {
+        self.webhook_enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ready(&self) -> bool {
+        !self
+            .webhook_enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || self.webhook_serving.get() == 1
     }
 
     pub fn watch_pods(&self, store: PodIndex, operator_namespace: String) {
@@ -216,7 +241,15 @@ impl Metrics {
 
 pub async fn admin<B>(metrics: Arc<Metrics>, request: Request<B>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz" | "/readyz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        (&Method::GET, "/readyz") if metrics.ready() => {
+            (StatusCode::OK, "text/plain", b"ok\n".to_vec())
+        }
+        (&Method::GET, "/readyz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            b"the webhook is not serving yet\n".to_vec(),
+        ),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -232,4 +265,24 @@ pub async fn admin<B>(metrics: Arc<Metrics>, request: Request<B>) -> Response<Fu
             .insert(http::header::CONTENT_TYPE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn readyz(metrics: &Arc<Metrics>) -> StatusCode {
+        let request = Request::get("/readyz").body(()).unwrap();
+        admin(Arc::clone(metrics), request).await.status()
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_the_webhook_only_where_one_is_served() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        assert_eq!(readyz(&metrics).await, StatusCode::OK);
+        metrics.expect_webhook();
+        assert_eq!(readyz(&metrics).await, StatusCode::SERVICE_UNAVAILABLE);
+        metrics.webhook_serving.set(1);
+        assert_eq!(readyz(&metrics).await, StatusCode::OK);
+    }
 }

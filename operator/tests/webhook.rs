@@ -256,14 +256,17 @@ async fn wait_for_injection(client: &kube::Client, ns: &str, operator: &Operator
 
 /// `GET /metrics` on the operator's admin port.
 async fn metrics_text(admin_port: u16) -> Option<String> {
+    admin_get(admin_port, "/metrics").await
+}
+
+/// The whole HTTP/1.1 response (status line included) to `GET path` on the admin port.
+async fn admin_get(admin_port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
         .await
         .ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: operator\r\nconnection: close\r\n\r\n")
-        .await
-        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: operator\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await.ok()?;
     Some(text)
@@ -593,6 +596,8 @@ async fn the_operator_issues_renews_and_serves_its_own_certificate() {
         ],
     );
     wait_for_injection(&client, &ns, &operator).await;
+    let readyz = admin_get(admin_port, "/readyz").await.unwrap_or_default();
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &operator_ns);
     let first = secrets.get("llmesh-webhook-tls").await.unwrap();
