@@ -654,6 +654,24 @@ async fn the_operator_issues_renews_and_serves_its_own_certificate() {
     let (stored, _) = create(&client, &ns, &asks, false).await;
     assert!(injected(&stored), "injected after the renewal");
 
+    // A caBundle reset (a chart upgrade re-applying the configuration without one) is
+    // patched again within a check interval.
+    let mut reset = configurations.get(&configuration_name).await.unwrap();
+    for webhook in reset.webhooks.iter_mut().flatten() {
+        webhook.client_config.ca_bundle = None;
+    }
+    configurations
+        .replace(&configuration_name, &PostParams::default(), &reset)
+        .await
+        .unwrap();
+    let repatched = eventually(WAIT, || async {
+        let configuration = configurations.get(&configuration_name).await.ok()?;
+        (ca_bundle(configuration) == Some(ca.clone())).then_some(())
+    })
+    .await;
+    assert!(repatched.is_some(), "caBundle patched again");
+    wait_for_injection(&client, &ns, &operator).await;
+
     // The served certificate's expiry, as the Secret records it (read each time: another
     // renewal may come in between).
     let exported = eventually(WAIT, || async {
