@@ -811,3 +811,68 @@ async fn thousand_pods_through_the_webhook() {
     );
     assert!(p99 < 0.005, "webhook p99 {p99}s is above the 5 ms target");
 }
+
+#[tokio::test]
+async fn every_replica_serves_the_one_managed_certificate_and_its_renewal() {
+    let plane = ControlPlane::shared().await;
+    install_crd(plane).await;
+    let client = plane.client().await.unwrap();
+    let group = "replicas";
+    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
+    let ns = plane.namespace("replicas").await.unwrap();
+    label(
+        &client,
+        &ns,
+        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
+    )
+    .await;
+    create_endpoint(&client, &ns, "chat").await;
+    let ports = [free_port(), free_port()];
+    register_webhook_trusting(&client, group, ports[0], &operator_ns, None).await;
+    // Two replicas start together: both find no Secret, one write wins, both serve it.
+    let replicas: Vec<Operator> = ports
+        .iter()
+        .map(|port| {
+            Operator::start_with(
+                plane,
+                &operator_ns,
+                None,
+                free_port(),
+                &[
+                    "--webhook-managed-tls".into(),
+                    format!("--webhook-listen=127.0.0.1:{port}"),
+                    format!("--webhook-configuration=llmesh-test-{group}"),
+                    "--webhook-cert-extra-names=127.0.0.1".into(),
+                    "--webhook-cert-validity=30s".into(),
+                ],
+            )
+        })
+        .collect();
+    wait_for_injection(&client, &ns, &replicas[0]).await;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &operator_ns);
+    let both_serve_the_secret = || async {
+        let secret = secrets.get("llmesh-webhook-tls").await.ok()?;
+        let ca = secret_text(&secret, "ca.crt");
+        let certificate = pem_der(&secret_text(&secret, "tls.crt"));
+        for port in ports {
+            if served_certificate(port, &ca).await? != certificate {
+                return None;
+            }
+        }
+        Some(certificate)
+    };
+    let first = eventually(WAIT, both_serve_the_secret)
+        .await
+        .expect("both replicas serve the Secret's certificate");
+    let renewed = eventually(Duration::from_secs(40), || async {
+        both_serve_the_secret().await.filter(|c| *c != first)
+    })
+    .await;
+    assert!(
+        renewed.is_some(),
+        "both replicas serve the renewal; logs:\n{}\n{}",
+        replicas[0].logs(),
+        replicas[1].logs()
+    );
+}
