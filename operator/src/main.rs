@@ -130,7 +130,11 @@ struct Cli {
 const DEFAULT_SIDECAR_IMAGE: &str = concat!("ghcr.io/llmesh/sidecar:", env!("CARGO_PKG_VERSION"));
 
 impl Cli {
-    fn managed_cert_settings(&self) -> ManagedCertSettings {
+    fn managed_cert_settings(&self) -> anyhow::Result<ManagedCertSettings> {
+        // Shorter, and the renewal loop (a twentieth of it, at least a second) could not keep up.
+        if self.webhook_cert_validity.get() < std::time::Duration::from_secs(10) {
+            anyhow::bail!("--webhook-cert-validity: at least 10s");
+        }
         let service = &self.webhook_service;
         let namespace = &self.lease_namespace;
         let mut names = vec![
@@ -143,13 +147,13 @@ impl Cli {
                 .map(|n| n.trim().to_string())
                 .filter(|n| !n.is_empty()),
         );
-        ManagedCertSettings {
+        Ok(ManagedCertSettings {
             namespace: namespace.clone(),
             secret_name: self.webhook_secret.clone(),
             configuration_name: self.webhook_configuration.clone(),
             names,
             validity: self.webhook_cert_validity.get(),
-        }
+        })
     }
 
     fn injection_settings(&self) -> anyhow::Result<InjectionSettings> {
@@ -199,6 +203,16 @@ impl Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     llmesh_sidecar::logging::init(cli.log_format, &cli.log).map_err(anyhow::Error::msg)?;
+    // Flags are checked before anything connects.
+    let webhook_tls = match (&cli.webhook_cert_dir, cli.webhook_managed_tls) {
+        (Some(dir), _) => Some(WebhookTls::Files(dir.clone())),
+        (None, true) => Some(WebhookTls::Managed(cli.managed_cert_settings()?)),
+        (None, false) => None,
+    };
+    let webhook = match webhook_tls {
+        Some(tls) => Some((tls, cli.injection_settings()?)),
+        None => None,
+    };
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API")?;
@@ -218,16 +232,12 @@ async fn main() -> anyhow::Result<()> {
         move |req| metrics::admin(Arc::clone(&admin_metrics), req),
     ));
 
-    let webhook_tls = match (&cli.webhook_cert_dir, cli.webhook_managed_tls) {
-        (Some(dir), _) => Some(WebhookTls::Files(dir.clone())),
-        (None, true) => Some(WebhookTls::Managed(cli.managed_cert_settings())),
-        (None, false) => None,
-    };
-    match webhook_tls {
-        Some(tls) => {
+    match webhook {
+        Some((tls, settings)) => {
             start_webhook(
                 &cli,
                 tls,
+                settings,
                 client.clone(),
                 Arc::clone(&metrics),
                 admin_stop.subscribe(),
@@ -311,11 +321,11 @@ enum Certificate {
 async fn start_webhook(
     cli: &Cli,
     tls: WebhookTls,
+    settings: InjectionSettings,
     client: kube::Client,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let settings = cli.injection_settings()?;
     metrics.expect_webhook();
     // From files, a missing certificate stops the start (a mount is wrong); a managed one
     // is waited for (the API may be briefly unreachable).
