@@ -876,3 +876,191 @@ async fn every_replica_serves_the_one_managed_certificate_and_its_renewal() {
         replicas[1].logs()
     );
 }
+
+/// The `llmesh-sidecar` binary of this build: `cargo test --workspace` builds it beside this
+/// test's own binary (`target/<profile>/deps/..`).
+fn sidecar_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let binary = profile_dir.join("llmesh-sidecar");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build -p llmesh-sidecar), as cargo test --workspace does",
+        binary.display()
+    );
+    binary
+}
+
+/// Lays out `files` the way the kubelet lays out a projected volume: a timestamped directory,
+/// `..data` pointing at it (swapped atomically on every change), a symlink per file.
+fn kubelet_volume(dir: &std::path::Path, files: &[(&str, &str)], generation: u32) {
+    let data_dir = format!("..2026_11_30_{generation:04}");
+    std::fs::create_dir(dir.join(&data_dir)).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(&data_dir).join(name), content).unwrap();
+    }
+    let swap = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(&data_dir, &swap).unwrap();
+    std::fs::rename(&swap, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+}
+
+/// The whole of a missing endpoint's story on one pod: admitted with a warning, its sidecar
+/// (the real binary, started with the args the webhook injected, on the pod's projected
+/// volume laid out as the kubelet does) starts without it, answers it with 503, and serves
+/// it once the operator has rendered its ConfigMap and the kubelet has updated the volume.
+#[tokio::test]
+async fn an_injected_sidecar_serves_an_endpoint_created_after_its_pod() {
+    let sidecar_bin = sidecar_binary();
+    let plane = ControlPlane::shared().await;
+    install_crd(plane).await;
+    let client = plane.client().await.unwrap();
+    let group = "late";
+    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
+    let ns = plane.namespace("late").await.unwrap();
+    label(
+        &client,
+        &ns,
+        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
+    )
+    .await;
+    create_endpoint(&client, &ns, "chat").await;
+    let port = free_port();
+    let operator = Operator::start(plane, &operator_ns, Some(port), free_port());
+    register_webhook(plane, &client, group, port, &operator_ns).await;
+    wait_for_injection(&client, &ns, &operator).await;
+
+    let (stored, warnings) = create(
+        &client,
+        &ns,
+        &pod(
+            "early",
+            json!({"llmesh.io/endpoints": "later"}),
+            json!({}),
+            app(),
+        ),
+        false,
+    )
+    .await;
+    assert!(injected(&stored));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("LlmEndpoint later does not exist")),
+        "{warnings:?}"
+    );
+    let spec = stored.spec.as_ref().unwrap();
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == SIDECAR_NAME)
+        .unwrap();
+    let args = sidecar.args.clone().unwrap();
+    let flag = |name: &str| {
+        let at = args.iter().position(|a| a == name).unwrap();
+        args[at + 1].clone()
+    };
+    assert_eq!(flag("--expect-endpoints"), "later");
+    // Which ConfigMap key becomes which file, as the pod's volume says.
+    let projected: Vec<(String, String, String)> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.config_map.as_ref())
+        .flat_map(|cm| {
+            cm.items
+                .iter()
+                .flatten()
+                .map(|i| (cm.name.clone(), i.key.clone(), i.path.clone()))
+        })
+        .collect();
+    assert_eq!(projected.len(), 1, "{projected:?}");
+    let (config_map, key, file) = projected[0].clone();
+    assert_eq!(config_map, "llmesh-later");
+
+    // The pod starts before the endpoint exists: its volume has no file yet.
+    let volume = tempfile::tempdir().unwrap();
+    kubelet_volume(volume.path(), &[], 0);
+    let (app_port, admin_port) = (free_port(), free_port());
+    let mut replaced = args.clone();
+    for (name, value) in [
+        ("--config-dir", volume.path().to_str().unwrap().to_string()),
+        ("--listen", format!("127.0.0.1:{app_port}")),
+        ("--admin-listen", format!("127.0.0.1:{admin_port}")),
+    ] {
+        let at = replaced.iter().position(|a| a == name).unwrap();
+        replaced[at + 1] = value;
+    }
+    let mut child = Command::new(&sidecar_bin)
+        .args(&replaced)
+        .args(["--reload-interval", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let readyz = || async {
+        let response = http
+            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        Some((
+            response.status().as_u16(),
+            response.json::<Value>().await.ok()?,
+        ))
+    };
+    let (status, body) = eventually(WAIT, || async { readyz().await })
+        .await
+        .expect("the sidecar answers /readyz");
+    assert_eq!(status, 200, "the startup probe lets the app start: {body}");
+    assert_eq!(body["missing"], json!(["later"]));
+    let chat = || async {
+        http.post(format!("http://127.0.0.1:{app_port}/v1/chat/completions"))
+            .json(&json!({"model": "later", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .ok()
+    };
+    let response = chat().await.unwrap();
+    assert_eq!(response.status(), 503);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "endpoint_not_ready");
+
+    // The endpoint is created; the operator renders its ConfigMap; the kubelet updates the
+    // volume; the running sidecar serves it, with no restart.
+    create_endpoint(&client, &ns, "later").await;
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), &ns);
+    let rendered = eventually(WAIT, || async {
+        config_maps
+            .get_opt(&config_map)
+            .await
+            .ok()??
+            .data?
+            .get(&key)
+            .cloned()
+    })
+    .await
+    .expect("the operator renders the ConfigMap");
+    kubelet_volume(volume.path(), &[(&file, &rendered)], 1);
+    let served = eventually(WAIT, || async {
+        let response = chat().await?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let (_, body) = readyz().await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served.is_some(), "never served; readyz: {body}");
+    assert_eq!(body["complete"], true, "{body}");
+}
