@@ -23,3 +23,5 @@ pub mod wait;
 
 #[cfg(test)]
 mod proptest_config;
+#[cfg(test)]
+mod test_support;

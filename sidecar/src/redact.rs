@@ -142,6 +142,7 @@ impl BodyRedactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::cut_at;
     use proptest::prelude::*;
 
     const KEY: &str = "sk-proj-0123456789abcdefXYZ";
@@ -257,15 +258,7 @@ mod tests {
                 body.push_str(&suffix);
             }
             let bytes = body.as_bytes();
-            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
-            cuts.sort_unstable();
-            let mut pieces = Vec::new();
-            let mut last = 0;
-            for cut in cuts {
-                pieces.push(&bytes[last..cut]);
-                last = cut;
-            }
-            pieces.push(&bytes[last..]);
+            let pieces = cut_at(bytes, &cuts);
             let (out, _) = through(&pieces);
             prop_assert_eq!(out.len(), bytes.len());
             prop_assert!(!String::from_utf8_lossy(&out).contains(KEY));

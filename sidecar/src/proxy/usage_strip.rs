@@ -86,6 +86,7 @@ fn is_usage_only_event(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::cut_at;
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(
@@ -138,16 +139,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_cut_of_the_stream_gives_the_same_events(cuts in prop::collection::vec(0usize..STREAM.len(), 0..10)) {
-            let bytes = STREAM.as_bytes();
-            let mut cuts = cuts;
-            cuts.sort_unstable();
-            let mut pieces = Vec::new();
-            let mut last = 0;
-            for cut in cuts {
-                pieces.push(&bytes[last..cut]);
-                last = cut;
-            }
-            pieces.push(&bytes[last..]);
+            let pieces = cut_at(STREAM.as_bytes(), &cuts);
             prop_assert_eq!(String::from_utf8(through(&pieces)).unwrap(), EXPECTED);
         }
     }
