@@ -16,15 +16,6 @@ const RELOAD_WAIT: Duration = Duration::from_secs(5);
 const CHAT: &str = "name: chat\nprovider: mock\nmodel: mock-chat\n";
 const EMBED_BY_DEFAULT: &str = "name: embed\nprovider: mock\nmodel: mock-embed\ndefault: true\n";
 
-async fn readiness(sidecar: &Sidecar) -> (u16, Value) {
-    let r = client()
-        .get(sidecar.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 /// The `llmesh_endpoint_missing` series of a scrape.
 async fn missing_series(sidecar: &Sidecar) -> Vec<String> {
     sidecar
@@ -65,7 +56,7 @@ async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
     );
 
     // Ready, so that the startup probe lets the app start, and saying what it waits for.
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["complete"], false);
@@ -111,7 +102,7 @@ async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
         "the endpoint was not served after its file arrived:\n{}",
         sidecar.logs()
     );
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200);
     assert_eq!(ready["complete"], true);
     assert_eq!(ready["missing"], json!([]));
@@ -131,7 +122,7 @@ async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
         })
         .await
     );
-    assert_eq!(readiness(&sidecar).await.1["missing"], json!(["chat"]));
+    assert_eq!(sidecar.readiness().await.1["missing"], json!(["chat"]));
 }
 
 #[tokio::test]
@@ -148,7 +139,7 @@ async fn the_endpoints_present_serve_while_another_is_missing() {
             "chat,embed",
         ],
     );
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200);
     assert_eq!(
         (&ready["missing"], &ready["complete"]),
@@ -185,7 +176,7 @@ async fn expect_star_starts_on_whatever_is_there() {
             "*",
         ],
     );
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200);
     assert_eq!(
         (&ready["missing"], &ready["complete"]),
@@ -274,7 +265,7 @@ async fn the_pod_s_identity_shows_on_readyz_and_as_an_info_metric() {
             ("POD_SERVICE_ACCOUNT", "summarizer"),
         ],
     );
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200);
     assert_eq!(
         ready["pod"],

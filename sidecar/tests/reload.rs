@@ -45,15 +45,6 @@ async fn upstream_saw(sidecar: &Sidecar, upstream: &FakeUpstream) -> (String, St
     )
 }
 
-async fn readiness(sidecar: &Sidecar) -> (u16, Value) {
-    let r = client()
-        .get(sidecar.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 /// The `llmesh_endpoint_credential_info` lines of a scrape, without the HELP and TYPE lines.
 async fn credential_series(sidecar: &Sidecar) -> Vec<String> {
     let text = sidecar.metrics_text().await;
@@ -74,7 +65,7 @@ async fn a_changed_config_is_used_and_a_broken_one_is_rejected() {
     std::fs::write(&config, whole("model-a")).unwrap();
     let sidecar = Sidecar::start_with(dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(upstream_saw(&sidecar, &upstream).await.0, "model-a");
-    let (_, ready) = readiness(&sidecar).await;
+    let (_, ready) = sidecar.readiness().await;
     let first_hash = ready["configHash"].as_str().unwrap().to_string();
 
     replace_file(&config, &whole("model-b"));
@@ -84,7 +75,7 @@ async fn a_changed_config_is_used_and_a_broken_one_is_rejected() {
         })
         .await
     );
-    let (_, ready) = readiness(&sidecar).await;
+    let (_, ready) = sidecar.readiness().await;
     let second_hash = ready["configHash"].as_str().unwrap().to_string();
     assert_ne!(first_hash, second_hash);
 
@@ -99,7 +90,7 @@ async fn a_changed_config_is_used_and_a_broken_one_is_rejected() {
             .await
     );
     assert_eq!(upstream_saw(&sidecar, &upstream).await.0, "model-b");
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(
         (status, ready["configHash"].as_str()),
         (200, Some(second_hash.as_str()))
@@ -138,7 +129,7 @@ async fn kubelet_style_swaps_of_config_and_secret_are_picked_up() {
         upstream_saw(&sidecar, &upstream).await,
         ("model-a".into(), "Bearer sk-first".into())
     );
-    let (_, ready) = readiness(&sidecar).await;
+    let (_, ready) = sidecar.readiness().await;
     let first_fingerprint = ready["endpoints"][0]["credentialFingerprint"]
         .as_str()
         .unwrap()
@@ -152,7 +143,7 @@ async fn kubelet_style_swaps_of_config_and_secret_are_picked_up() {
         })
         .await
     );
-    let (_, ready) = readiness(&sidecar).await;
+    let (_, ready) = sidecar.readiness().await;
     assert_ne!(
         ready["endpoints"][0]["credentialFingerprint"]
             .as_str()
@@ -195,7 +186,7 @@ async fn a_missing_key_makes_the_endpoint_unready_until_it_appears() {
     std::fs::write(&config, config_yaml(&upstream, "m", &key, "")).unwrap();
     let sidecar = Sidecar::start_with(dir, &["--config", config.to_str().unwrap()]);
 
-    let (status, ready) = readiness(&sidecar).await;
+    let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 503);
     assert_eq!(ready["status"], "not_ready");
     assert!(ready["endpoints"][0]["error"]
@@ -221,7 +212,7 @@ async fn a_missing_key_makes_the_endpoint_unready_until_it_appears() {
     );
 
     std::fs::write(&key, "sk-arrived").unwrap();
-    assert!(eventually(RELOAD_WAIT, || async { readiness(&sidecar).await.0 == 200 }).await);
+    assert!(eventually(RELOAD_WAIT, || async { sidecar.readiness().await.0 == 200 }).await);
     assert_eq!(
         upstream_saw(&sidecar, &upstream).await.1,
         "Bearer sk-arrived"
@@ -238,7 +229,7 @@ async fn a_missing_key_makes_the_endpoint_unready_until_it_appears() {
         upstream_saw(&sidecar, &upstream).await.1,
         "Bearer sk-arrived"
     );
-    assert_eq!(readiness(&sidecar).await.0, 200);
+    assert_eq!(sidecar.readiness().await.0, 200);
 }
 
 #[tokio::test]

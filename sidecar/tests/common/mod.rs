@@ -122,6 +122,16 @@ impl Sidecar {
             .expect("read /metrics")
     }
 
+    /// Status and body of the admin listener's `/readyz`.
+    pub async fn readiness(&self) -> (u16, serde_json::Value) {
+        let r = client()
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        (r.status().as_u16(), r.json().await.expect("/readyz body"))
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().expect("log lock").join("\n")
     }
