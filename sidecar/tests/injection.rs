@@ -16,6 +16,24 @@ const RELOAD_WAIT: Duration = Duration::from_secs(5);
 const CHAT: &str = "name: chat\nprovider: mock\nmodel: mock-chat\n";
 const EMBED_BY_DEFAULT: &str = "name: embed\nprovider: mock\nmodel: mock-embed\ndefault: true\n";
 
+/// A sidecar started as an injected pod's is: on its projected volume holding `files`,
+/// told to expect the endpoints `expected`.
+fn start_expecting(files: &[(&str, &str)], expected: &str) -> (Sidecar, KubeletVolume) {
+    let dir = tempfile::tempdir().unwrap();
+    let volume_dir = dir.path().join("endpoints");
+    let volume = KubeletVolume::create(&volume_dir, files);
+    let sidecar = Sidecar::start_with(
+        dir,
+        &[
+            "--config-dir",
+            volume_dir.to_str().unwrap(),
+            "--expect-endpoints",
+            expected,
+        ],
+    );
+    (sidecar, volume)
+}
+
 /// The `llmesh_endpoint_missing` series of a scrape.
 async fn missing_series(sidecar: &Sidecar) -> Vec<String> {
     sidecar
@@ -41,19 +59,8 @@ async fn chat(sidecar: &Sidecar, model: &str, endpoint_header: Option<&str>) -> 
 
 #[tokio::test]
 async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let volume_dir = dir.path().join("endpoints");
     // The projected volume of a pod whose only endpoint's ConfigMap does not exist yet.
-    let mut volume = KubeletVolume::create(&volume_dir, &[]);
-    let sidecar = Sidecar::start_with(
-        dir,
-        &[
-            "--config-dir",
-            volume_dir.to_str().unwrap(),
-            "--expect-endpoints",
-            "chat",
-        ],
-    );
+    let (sidecar, mut volume) = start_expecting(&[], "chat");
 
     // Ready, so that the startup probe lets the app start, and saying what it waits for.
     let (status, ready) = sidecar.readiness().await;
@@ -127,18 +134,7 @@ async fn an_expected_endpoint_is_served_once_its_configmap_arrives() {
 
 #[tokio::test]
 async fn the_endpoints_present_serve_while_another_is_missing() {
-    let dir = tempfile::tempdir().unwrap();
-    let volume_dir = dir.path().join("endpoints");
-    let _volume = KubeletVolume::create(&volume_dir, &[("embed.yaml", EMBED_BY_DEFAULT)]);
-    let sidecar = Sidecar::start_with(
-        dir,
-        &[
-            "--config-dir",
-            volume_dir.to_str().unwrap(),
-            "--expect-endpoints",
-            "chat,embed",
-        ],
-    );
+    let (sidecar, _volume) = start_expecting(&[("embed.yaml", EMBED_BY_DEFAULT)], "chat,embed");
     let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -164,18 +160,7 @@ async fn the_endpoints_present_serve_while_another_is_missing() {
 
 #[tokio::test]
 async fn expect_star_starts_on_whatever_is_there() {
-    let dir = tempfile::tempdir().unwrap();
-    let volume_dir = dir.path().join("endpoints");
-    let mut volume = KubeletVolume::create(&volume_dir, &[]);
-    let sidecar = Sidecar::start_with(
-        dir,
-        &[
-            "--config-dir",
-            volume_dir.to_str().unwrap(),
-            "--expect-endpoints",
-            "*",
-        ],
-    );
+    let (sidecar, mut volume) = start_expecting(&[], "*");
     let (status, ready) = sidecar.readiness().await;
     assert_eq!(status, 200);
     assert_eq!(
