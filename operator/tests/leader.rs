@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{eventually, install_crd};
+use common::{eventually, install_crd, OperatorProcess};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -16,14 +14,10 @@ use llmesh_operator::crd::LlmEndpoint;
 use llmesh_testenv::ControlPlane;
 use serde_json::json;
 
-struct Operator {
-    child: Child,
-    logs: Arc<Mutex<String>>,
-}
-
-impl Operator {
-    fn start(plane: &ControlPlane, ns: &str, identity: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llmesh-operator"))
+/// A replica named `identity`, watching and leasing in `ns`, with short lease timings.
+fn start_replica(plane: &ControlPlane, ns: &str, identity: &str) -> OperatorProcess {
+    OperatorProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_llmesh-operator"))
             .env("KUBECONFIG", &plane.kubeconfig)
             .args([
                 "--namespace",
@@ -40,42 +34,16 @@ impl Operator {
                 "500ms",
                 "--admin-listen",
                 "127.0.0.1:0",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start llmesh-operator");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&logs);
-        let stderr = child.stderr.take().expect("piped stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut logs = sink.lock().expect("log lock");
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-        Self { child, logs }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().expect("log lock").clone()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+            ]),
+    )
 }
 
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn signal(operator: &OperatorProcess, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &operator.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
@@ -125,13 +93,13 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let endpoints: Api<LlmEndpoint> = Api::namespaced(client, &ns);
 
-    let a = Operator::start(plane, &ns, "replica-a");
+    let a = start_replica(plane, &ns, "replica-a");
     let led = eventually(Duration::from_secs(20), || async {
         (holder(&leases).await? == "replica-a").then_some(())
     })
     .await;
     assert!(led.is_some(), "replica-a took the lease:\n{}", a.logs());
-    let b = Operator::start(plane, &ns, "replica-b");
+    let b = start_replica(plane, &ns, "replica-b");
     let standing_by = eventually(Duration::from_secs(10), || async {
         b.logs()
             .contains("another replica leads; standing by")
@@ -147,7 +115,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     assert!(!b.logs().contains("leading: reconciling"));
 
     // The leader dies without releasing the lease: the standby waits for it to expire.
-    a.signal("-KILL");
+    signal(&a, "-KILL");
     let took_over = eventually(Duration::from_secs(15), || async {
         (holder(&leases).await? == "replica-b").then_some(())
     })
@@ -168,7 +136,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     );
 
     // A graceful stop hands the lease back at once.
-    b.signal("-TERM");
+    signal(&b, "-TERM");
     let released = eventually(Duration::from_secs(10), || async {
         holder(&leases).await.is_none().then_some(())
     })

@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, install_crd};
+use common::{eventually, install_crd, OperatorProcess};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
@@ -30,8 +29,7 @@ const WAIT: Duration = Duration::from_secs(30);
 const GROUP_LABEL: &str = "llmesh.io/test-webhook";
 
 struct Operator {
-    child: Child,
-    logs: Arc<Mutex<String>>,
+    process: OperatorProcess,
     _certs: tempfile::TempDir,
 }
 
@@ -72,38 +70,14 @@ impl Operator {
                 .arg("--webhook-cert-dir")
                 .arg(certs.path());
         }
-        let mut child = command
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start llmesh-operator");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&logs);
-        let stderr = child.stderr.take().expect("piped stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut logs = sink.lock().expect("log lock");
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
         Self {
-            child,
-            logs,
+            process: OperatorProcess::spawn(command.args(extra)),
             _certs: certs,
         }
     }
 
     fn logs(&self) -> String {
-        self.logs.lock().expect("log lock").clone()
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.logs()
     }
 }
 
@@ -638,7 +612,7 @@ async fn the_operator_issues_renews_and_serves_its_own_certificate() {
     .await;
     assert!(served.is_some(), "the renewed certificate is served");
     assert!(
-        operator.child.try_wait().unwrap().is_none(),
+        operator.process.child.try_wait().unwrap().is_none(),
         "the same process"
     );
     assert_eq!(
@@ -798,7 +772,7 @@ async fn thousand_pods_through_the_webhook() {
     let metric = "llmesh_operator_webhook_duration_seconds";
     let p50 = histogram_quantile(&text, metric, 0.50).unwrap();
     let p99 = histogram_quantile(&text, metric, 0.99).unwrap();
-    let pid = operator.child.id();
+    let pid = operator.process.child.id();
     println!(
         "WEBHOOK-REPORT pods={PODS} wall={:.1}s webhook_p50={:.3}ms webhook_p99={:.3}ms create_p50={:.1}ms create_p99={:.1}ms operator_rss={:.1}MiB operator_peak_rss={:.1}MiB",
         elapsed.as_secs_f64(),

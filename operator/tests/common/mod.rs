@@ -2,6 +2,9 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llmesh_testenv::ControlPlane;
@@ -32,5 +35,45 @@ where
             return None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A running operator process with its stderr (its log) collected; killed when dropped.
+pub struct OperatorProcess {
+    pub child: Child,
+    logs: Arc<Mutex<String>>,
+}
+
+impl OperatorProcess {
+    /// Spawns `command` with its stdout discarded and its stderr collected for `logs`.
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start llmesh-operator");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&logs);
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut logs = sink.lock().expect("log lock");
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        Self { child, logs }
+    }
+
+    /// Everything the process has logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("log lock").clone()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
