@@ -136,6 +136,60 @@ async fn register_webhook_trusting(
         .unwrap();
 }
 
+/// One test's namespace on the shared control plane, opted in to injection and to the
+/// test's own `group` of webhooks, beside the operator's namespace.
+struct OptedIn {
+    plane: &'static ControlPlane,
+    client: kube::Client,
+    group: &'static str,
+    operator_ns: String,
+    ns: String,
+}
+
+impl OptedIn {
+    /// Installs the CRD, creates the namespace `group` (labelled) and `endpoints` in it.
+    async fn set_up(group: &'static str, endpoints: &[&str]) -> Self {
+        let plane = ControlPlane::shared().await;
+        install_crd(plane).await;
+        let client = plane.client().await.unwrap();
+        let operator_ns = plane.namespace("llmesh-system").await.unwrap();
+        let ns = plane.namespace(group).await.unwrap();
+        label(
+            &client,
+            &ns,
+            json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
+        )
+        .await;
+        for name in endpoints {
+            create_endpoint(&client, &ns, name).await;
+        }
+        Self {
+            plane,
+            client,
+            group,
+            operator_ns,
+            ns,
+        }
+    }
+
+    /// An operator serving the webhook on a free port, registered for this group, once the
+    /// API server calls it; its admin endpoints on `admin_port`.
+    async fn serve_webhook(&self, admin_port: u16) -> Operator {
+        let port = free_port();
+        let operator = Operator::start(self.plane, &self.operator_ns, Some(port), admin_port);
+        register_webhook(
+            self.plane,
+            &self.client,
+            self.group,
+            port,
+            &self.operator_ns,
+        )
+        .await;
+        wait_for_injection(&self.client, &self.ns, &operator).await;
+        operator
+    }
+}
+
 async fn label(client: &kube::Client, ns: &str, labels: Value) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -281,27 +335,26 @@ fn check_golden(case: &str, stored: &Pod) {
 
 #[tokio::test]
 async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
-    let plane = ControlPlane::shared().await;
-    install_crd(plane).await;
-    let client = plane.client().await.unwrap();
-    let group = "inject";
-    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
-    let ns = plane.namespace("inject").await.unwrap();
+    let setup = OptedIn::set_up("inject", &["chat", "embed"]).await;
+    let OptedIn {
+        plane,
+        ref client,
+        group,
+        ref operator_ns,
+        ref ns,
+    } = setup;
     let unlabelled = plane.namespace("unlabelled").await.unwrap();
-    let opted_in = json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group});
-    label(&client, &ns, opted_in.clone()).await;
-    label(&client, &operator_ns, opted_in).await;
-    label(&client, &unlabelled, json!({GROUP_LABEL: group})).await;
-    for name in ["chat", "embed"] {
-        create_endpoint(&client, &ns, name).await;
-    }
-    create_endpoint(&client, &unlabelled, "chat").await;
-    create_endpoint(&client, &operator_ns, "chat").await;
+    label(
+        client,
+        operator_ns,
+        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
+    )
+    .await;
+    label(client, &unlabelled, json!({GROUP_LABEL: group})).await;
+    create_endpoint(client, &unlabelled, "chat").await;
+    create_endpoint(client, operator_ns, "chat").await;
 
-    let port = free_port();
-    let operator = Operator::start(plane, &operator_ns, Some(port), free_port());
-    register_webhook(plane, &client, group, port, &operator_ns).await;
-    wait_for_injection(&client, &ns, &operator).await;
+    let _operator = setup.serve_webhook(free_port()).await;
 
     let cases = [
         (
@@ -338,8 +391,8 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
     ];
     for (case, annotations, containers) in cases {
         let (stored, warnings) = create(
-            &client,
-            &ns,
+            client,
+            ns,
             &pod(case, annotations, json!({}), containers),
             false,
         )
@@ -350,8 +403,8 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
 
     // A missing endpoint: admitted and injected, with a warning kubectl prints.
     let (stored, warnings) = create(
-        &client,
-        &ns,
+        client,
+        ns,
         &pod(
             "missing",
             json!({"llmesh.io/endpoints": "chat,ghost"}),
@@ -368,7 +421,7 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
         "{warnings:?}"
     );
     // And an Event about the pod says the same.
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     let published = eventually(WAIT, || async {
         events
             .list(&Default::default())
@@ -403,12 +456,12 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
         ),
         (
             "operator namespace",
-            &operator_ns,
+            operator_ns,
             pod("b", asks.clone(), json!({}), app()),
         ),
         (
             "opted out",
-            &ns,
+            ns,
             pod(
                 "c",
                 asks.clone(),
@@ -416,15 +469,15 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
                 app(),
             ),
         ),
-        ("no annotation", &ns, pod("d", json!({}), json!({}), app())),
+        ("no annotation", ns, pod("d", json!({}), json!({}), app())),
         (
             "already injected",
-            &ns,
+            ns,
             pod("e", asks.clone(), json!({}), already),
         ),
     ];
     for (case, namespace, sent) in not_injected {
-        let (stored, warnings) = create(&client, namespace, &sent, false).await;
+        let (stored, warnings) = create(client, namespace, &sent, false).await;
         assert_eq!(warnings, Vec::<String>::new(), "{case}");
         let spec = stored.spec.as_ref().unwrap();
         assert_eq!(spec.init_containers, None, "{case}");
@@ -453,23 +506,11 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
 
 #[tokio::test]
 async fn with_the_webhook_down_pods_are_created_and_counted_without_sidecar() {
-    let plane = ControlPlane::shared().await;
-    install_crd(plane).await;
-    let client = plane.client().await.unwrap();
-    let group = "down";
-    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
-    let ns = plane.namespace("down").await.unwrap();
-    label(
-        &client,
-        &ns,
-        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
-    )
-    .await;
-    create_endpoint(&client, &ns, "chat").await;
-    let port = free_port();
-    let serving = Operator::start(plane, &operator_ns, Some(port), free_port());
-    register_webhook(plane, &client, group, port, &operator_ns).await;
-    wait_for_injection(&client, &ns, &serving).await;
+    let setup = OptedIn::set_up("down", &["chat"]).await;
+    let serving = setup.serve_webhook(free_port()).await;
+    let OptedIn {
+        plane, client, ns, ..
+    } = setup;
 
     // The only webhook process stops; another replica, without the webhook, leads (on its
     // own lease: the killed one's would hold for a lease duration).
@@ -538,19 +579,13 @@ fn pem_der(pem: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_operator_issues_renews_and_serves_its_own_certificate() {
-    let plane = ControlPlane::shared().await;
-    install_crd(plane).await;
-    let client = plane.client().await.unwrap();
-    let group = "managed";
-    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
-    let ns = plane.namespace("managed").await.unwrap();
-    label(
-        &client,
-        &ns,
-        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
-    )
-    .await;
-    create_endpoint(&client, &ns, "chat").await;
+    let OptedIn {
+        plane,
+        client,
+        group,
+        operator_ns,
+        ns,
+    } = OptedIn::set_up("managed", &["chat"]).await;
     // No caBundle: the operator puts its own CA there.
     let port = free_port();
     register_webhook_trusting(&client, group, port, &operator_ns, None).await;
@@ -723,26 +758,10 @@ fn status_kib(pid: u32, field: &str) -> f64 {
 async fn thousand_pods_through_the_webhook() {
     use futures::StreamExt as _;
     const PODS: usize = 1000;
-    let plane = ControlPlane::shared().await;
-    install_crd(plane).await;
-    let client = plane.client().await.unwrap();
-    let group = "bench";
-    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
-    let ns = plane.namespace("bench").await.unwrap();
-    label(
-        &client,
-        &ns,
-        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
-    )
-    .await;
-    for name in ["chat", "embed"] {
-        create_endpoint(&client, &ns, name).await;
-    }
-    let port = free_port();
+    let setup = OptedIn::set_up("bench", &["chat", "embed"]).await;
     let admin_port = free_port();
-    let operator = Operator::start(plane, &operator_ns, Some(port), admin_port);
-    register_webhook(plane, &client, group, port, &operator_ns).await;
-    wait_for_injection(&client, &ns, &operator).await;
+    let operator = setup.serve_webhook(admin_port).await;
+    let OptedIn { client, ns, .. } = setup;
 
     let started = std::time::Instant::now();
     let mut latencies: Vec<f64> = futures::stream::iter(0..PODS)
@@ -788,19 +807,13 @@ async fn thousand_pods_through_the_webhook() {
 
 #[tokio::test]
 async fn every_replica_serves_the_one_managed_certificate_and_its_renewal() {
-    let plane = ControlPlane::shared().await;
-    install_crd(plane).await;
-    let client = plane.client().await.unwrap();
-    let group = "replicas";
-    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
-    let ns = plane.namespace("replicas").await.unwrap();
-    label(
-        &client,
-        &ns,
-        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
-    )
-    .await;
-    create_endpoint(&client, &ns, "chat").await;
+    let OptedIn {
+        plane,
+        client,
+        group,
+        operator_ns,
+        ns,
+    } = OptedIn::set_up("replicas", &["chat"]).await;
     let ports = [free_port(), free_port()];
     register_webhook_trusting(&client, group, ports[0], &operator_ns, None).await;
     // Two replicas start together: both find no Secret, one write wins, both serve it.
@@ -891,23 +904,9 @@ fn kubelet_volume(dir: &std::path::Path, files: &[(&str, &str)], generation: u32
 #[tokio::test]
 async fn an_injected_sidecar_serves_an_endpoint_created_after_its_pod() {
     let sidecar_bin = sidecar_binary();
-    let plane = ControlPlane::shared().await;
-    install_crd(plane).await;
-    let client = plane.client().await.unwrap();
-    let group = "late";
-    let operator_ns = plane.namespace("llmesh-system").await.unwrap();
-    let ns = plane.namespace("late").await.unwrap();
-    label(
-        &client,
-        &ns,
-        json!({"llmesh.io/inject": "enabled", GROUP_LABEL: group}),
-    )
-    .await;
-    create_endpoint(&client, &ns, "chat").await;
-    let port = free_port();
-    let operator = Operator::start(plane, &operator_ns, Some(port), free_port());
-    register_webhook(plane, &client, group, port, &operator_ns).await;
-    wait_for_injection(&client, &ns, &operator).await;
+    let setup = OptedIn::set_up("late", &["chat"]).await;
+    let _operator = setup.serve_webhook(free_port()).await;
+    let OptedIn { client, ns, .. } = setup;
 
     let (stored, warnings) = create(
         &client,
