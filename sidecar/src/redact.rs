@@ -21,6 +21,11 @@ const MASKED_TRAILING_PREFIX: usize = 8;
 
 const MASK: u8 = b'*';
 
+/// Shorter keys are not masked: a placeholder like `ollama` or `json` is also ordinary text
+/// (and header values such as `application/json`), which masking would corrupt. Real
+/// providers' keys are far longer (OpenAI's 50+, Azure's 32, Anthropic's 100+ characters).
+pub const MIN_MASKED_KEY_LEN: usize = 12;
+
 /// One key, ready to be searched for.
 pub struct KeyPattern {
     finder: Finder<'static>,
@@ -34,9 +39,19 @@ impl std::fmt::Debug for KeyPattern {
 
 impl KeyPattern {
     pub fn new(key: &[u8]) -> Self {
+        let searched = if key.len() >= MIN_MASKED_KEY_LEN {
+            key
+        } else {
+            b""
+        };
         Self {
-            finder: Finder::new(key).into_owned(),
+            finder: Finder::new(searched).into_owned(),
         }
+    }
+
+    /// False for a key too short to mask (see [`MIN_MASKED_KEY_LEN`]).
+    pub fn masks_anything(&self) -> bool {
+        !self.key().is_empty()
     }
 
     fn key(&self) -> &[u8] {
@@ -119,6 +134,10 @@ impl BodyRedactor {
         let keep = pattern.partial_tail(&buf);
         self.held = buf.split_off(buf.len() - keep);
         Bytes::from(buf)
+    }
+
+    pub fn pattern(&self) -> &KeyPattern {
+        &self.pattern
     }
 
     /// True when nothing is held back.
@@ -220,6 +239,19 @@ mod tests {
         assert_eq!(out, b"tail: ************");
         let (out, _) = through(&[b"tail: sk-"]);
         assert_eq!(out, b"tail: sk-");
+    }
+
+    #[test]
+    fn a_key_too_short_to_tell_from_text_is_left_alone() {
+        let pattern = Arc::new(KeyPattern::new(b"json"));
+        assert!(!pattern.masks_anything());
+        let mut redactor = BodyRedactor::new(Arc::clone(&pattern));
+        let body = Bytes::from_static(b"{\"type\":\"json\"}");
+        assert_eq!(redactor.filter(body.clone()), body);
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        pattern.redact_headers(&mut headers);
+        assert_eq!(headers["content-type"], "application/json");
     }
 
     #[test]

@@ -177,6 +177,16 @@ fn log_changes(current: &Snapshot, next: &Snapshot) {
                 fingerprint = new_fp,
                 "credential loaded"
             );
+            if endpoint
+                .credential()
+                .is_some_and(|c| !c.pattern().masks_anything())
+            {
+                tracing::warn!(
+                    endpoint = endpoint.name(),
+                    min_len = crate::redact::MIN_MASKED_KEY_LEN,
+                    "the key is too short to be told apart from ordinary text, so it is not masked in responses"
+                );
+            }
         }
         if let Some(error) = endpoint.unavailable_reason() {
             let was_unavailable = before.and_then(|e| e.unavailable_reason()).is_some();

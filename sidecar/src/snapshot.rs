@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Endpoints the pod expects whose config has not arrived yet (`--expect-endpoints`).
     pub missing: Vec<String>,
+    /// An injected pod's sidecar (`--expect-endpoints`): see [`Snapshot::is_ready`].
+    expecting: bool,
     by_name: HashMap<String, usize>,
     by_model: HashMap<String, usize>,
     default: Option<usize>,
@@ -149,6 +151,7 @@ impl Snapshot {
             config_hash: loaded.hash.clone(),
             endpoints,
             missing: loaded.missing.clone(),
+            expecting: loaded.expecting,
             by_name,
             by_model,
             default,
@@ -176,10 +179,16 @@ impl Snapshot {
     /// True when every endpoint can serve (has its credential if it needs one). Expected
     /// endpoints whose config has not arrived do not count: the pod's app must start (the
     /// startup probe holds it until this is true) and get a clear 503 for those alone.
+    /// Every endpoint has its key. In an injected pod an endpoint's key arrives in its own
+    /// volume, which the kubelet may update after the config's: until then that endpoint
+    /// answers 503 `credential_unavailable`, but the pod stays ready for the others, as it
+    /// does while an endpoint's config is missing.
     pub fn is_ready(&self) -> bool {
-        self.endpoints
-            .iter()
-            .all(|e| e.unavailable_reason().is_none())
+        self.expecting
+            || self
+                .endpoints
+                .iter()
+                .all(|e| e.unavailable_reason().is_none())
     }
 
     /// A digest of every endpoint's credential state, so the reloader can tell a rotation (or a

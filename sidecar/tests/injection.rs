@@ -276,3 +276,51 @@ async fn the_pod_s_identity_shows_on_readyz_and_as_an_info_metric() {
         .unwrap();
     assert!(!request_series.contains("team-a"), "{request_series}");
 }
+
+/// The kubelet updates the pod's key volume apart from its config volume, so an endpoint's
+/// config may arrive before its key: that endpoint waits (503 credential_unavailable) but the
+/// pod stays ready for the others, and the key is used as soon as it lands.
+#[tokio::test]
+async fn an_endpoint_whose_key_arrives_after_its_config_does_not_make_the_pod_unready() {
+    let upstream = llmesh_testkit::FakeUpstream::start().await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("apiKey");
+    let remote = format!(
+        "name: remote\nprovider: openai-compatible\nbaseUrl: {}\nmodel: up\ncredential: {{file: {}}}\n",
+        upstream.base_url(),
+        key_file.display()
+    );
+    let (sidecar, _volume) = start_expecting(
+        &[("chat.yaml", CHAT), ("remote.yaml", &remote)],
+        "chat,remote",
+    );
+    let (status, ready) = sidecar.readiness().await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["complete"], true);
+    let remote_state = ready["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "remote")
+        .unwrap()
+        .clone();
+    assert!(remote_state["error"].is_string(), "{ready}");
+    let ask = |model: &'static str| {
+        client()
+            .post(sidecar.url("/v1/chat/completions"))
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert_eq!(ask("chat").await.unwrap().status(), 200);
+    let waiting = ask("remote").await.unwrap();
+    assert_eq!(waiting.status(), 503);
+    let body: Value = waiting.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "credential_unavailable");
+
+    std::fs::write(&key_file, "sk-arrived-later-0123456789").unwrap();
+    let served = eventually(RELOAD_WAIT, || async {
+        ask("remote").await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(served, "{}", sidecar.logs());
+}

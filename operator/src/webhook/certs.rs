@@ -73,8 +73,8 @@ impl ManagedCertSettings {
     }
 }
 
-/// What the Secret holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the Secret holds. Its `Debug` leaves the private keys out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Bundle {
     /// The current CA first, then the previous one while certificates it signed may still
     /// be served.
@@ -84,6 +84,15 @@ pub struct Bundle {
     pub key_pem: String,
     pub not_after: i64,
     pub ca_not_after: i64,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("not_after", &self.not_after)
+            .field("ca_not_after", &self.ca_not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bundle {

@@ -39,7 +39,19 @@ const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// A client that has not finished its TLS handshake or request headers by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API server refuses Event notes longer than 1 kB.
+/// In bytes: the API server refuses an Event whose note is over 1 KiB.
 const MAX_EVENT_NOTE: usize = 1000;
+/// The API server sends a review at once; its own timeout for the call is at most 30 s.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncated(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
 /// Connections still open at shutdown get this long to finish their answer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -165,7 +177,7 @@ impl Webhook {
         let Some(regarding) = regarding(pod, namespace) else {
             return;
         };
-        let note: String = warnings.join("; ").chars().take(MAX_EVENT_NOTE).collect();
+        let note = truncated(&warnings.join("; "), MAX_EVENT_NOTE);
         let event = Event {
             type_: EventType::Warning,
             reason: "SidecarInjectionWarning".into(),
@@ -296,12 +308,12 @@ async fn handle(webhook: &Webhook, request: Request<Incoming>) -> Response<Full<
     if request.method() != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
     }
-    let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot read the body\n"),
+    // Bounded in time too: a caller dripping its body would otherwise hold a task for good.
+    let read = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(_)) => return plain(StatusCode::BAD_REQUEST, "cannot read the body\n"),
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "the body took too long\n"),
     };
     // From the whole body read to the answer encoded: parsing the review is most of it.
     let started = Instant::now();
@@ -350,6 +362,15 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn event_notes_are_cut_in_bytes_on_a_character_boundary() {
+        let text = "é".repeat(600);
+        let cut = super::truncated(&text, super::MAX_EVENT_NOTE);
+        assert!(cut.len() <= super::MAX_EVENT_NOTE);
+        assert_eq!(cut.len(), 1000);
+        assert_eq!(super::truncated("short", 1000), "short");
+    }
+
     use super::*;
     use crate::webhook::inject::SidecarResources;
     use serde_json::{json, Value};

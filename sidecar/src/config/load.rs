@@ -63,6 +63,8 @@ pub struct LoadedConfig {
     pub hash: String,
     /// Endpoints expected (`ExpectingDir`) that no file defines yet, in the order given.
     pub missing: Vec<String>,
+    /// Loaded for an injected pod (`ExpectingDir`), whose pieces arrive one by one.
+    pub expecting: bool,
 }
 
 impl ConfigSource {
@@ -130,6 +132,7 @@ impl RawConfig {
             config,
             hash: self.hash(),
             missing,
+            expecting: matches!(source, ConfigSource::ExpectingDir { .. }),
         })
     }
 

@@ -21,6 +21,22 @@ const AZURE_DEPLOYMENT_OPERATIONS: &[&str] = &[
     "/images/generations",
 ];
 
+/// The first Azure OpenAI API version that accepts `stream_options`; older ones refuse the
+/// whole request with "Unrecognized request argument".
+const AZURE_STREAM_OPTIONS_SINCE: &str = "2024-09-01";
+
+/// Whether the endpoint's API accepts `stream_options`, so that the sidecar may ask for
+/// usage in streams the app sent without it.
+pub fn accepts_stream_options(endpoint: &EndpointConfig) -> bool {
+    match endpoint.provider {
+        ProviderKind::AzureOpenai => endpoint
+            .azure
+            .as_ref()
+            .is_some_and(|a| a.api_version.as_str() >= AZURE_STREAM_OPTIONS_SINCE),
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => true,
+    }
+}
+
 /// Where the requests of one upstream (non-mock) endpoint are sent.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -165,6 +181,23 @@ mod tests {
             t.uri("/files", None).unwrap(),
             "https://res.openai.azure.com/openai/files?api-version=2024-10-21"
         );
+    }
+
+    #[test]
+    fn usage_is_asked_for_only_where_the_api_version_takes_it() {
+        let azure = |version: &str| {
+            endpoint(&format!(
+                "{{name: a, provider: azure-openai, model: m, baseUrl: 'https://r.openai.azure.com',
+                  credential: {{file: /k}}, azure: {{apiVersion: '{version}'}}}}"
+            ))
+        };
+        assert!(accepts_stream_options(&azure("2024-10-21")));
+        assert!(accepts_stream_options(&azure("2024-09-01-preview")));
+        assert!(!accepts_stream_options(&azure("2024-06-01")));
+        assert!(!accepts_stream_options(&azure("2023-05-15")));
+        assert!(accepts_stream_options(&endpoint(
+            "{name: a, provider: openai-compatible, model: m, baseUrl: 'http://x/v1'}"
+        )));
     }
 
     #[test]

@@ -182,7 +182,7 @@ impl Body for ResponseBody {
             let ended = match &polled {
                 Poll::Ready(None | Some(Err(_))) => true,
                 // hyper stops polling once a body says it is at its end, so record it now.
-                Poll::Ready(Some(Ok(_))) => this.kind_is_end_stream(),
+                Poll::Ready(Some(Ok(_))) => this.at_end(),
                 Poll::Pending => false,
             };
             if ended {
@@ -194,10 +194,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.kind_is_end_stream()
+        self.at_end()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.strip_usage.is_some() {
+            // Removing the usage chunk changes the length.
+            return SizeHint::default();
+        }
         match &self.kind {
             BodyKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             BodyKind::Full(None) => SizeHint::with_exact(0),
@@ -208,6 +212,15 @@ impl Body for ResponseBody {
 }
 
 impl ResponseBody {
+    /// The inner body is done and nothing is held back by the usage-chunk filter.
+    fn at_end(&self) -> bool {
+        self.kind_is_end_stream()
+            && self
+                .strip_usage
+                .as_ref()
+                .is_none_or(UsageChunkStripper::is_empty)
+    }
+
     fn kind_is_end_stream(&self) -> bool {
         match &self.kind {
             BodyKind::Full(bytes) => bytes.is_none(),
@@ -242,6 +255,8 @@ pub struct UpstreamBody {
     tail: [u8; 2],
     /// Masks the endpoint's key if the upstream echoes it.
     redactor: Option<BodyRedactor>,
+    /// Trailers that arrived while the redactor held bytes back: sent after those bytes.
+    pending_trailers: Option<Box<http::HeaderMap>>,
     /// The shutdown grace period running out ends the response cleanly.
     grace_ends: Pin<Box<Notified<'static>>>,
     finished: bool,
@@ -269,6 +284,7 @@ impl UpstreamBody {
             timer: Box::pin(tokio::time::sleep_until(first_alarm)),
             tail: *b"\n\n",
             redactor,
+            pending_trailers: None,
             grace_ends: Box::pin(drain::grace_ends()),
             finished: false,
             failure: None,
@@ -276,8 +292,9 @@ impl UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished
+        (self.finished && self.pending_trailers.is_none())
             || (self.inner.is_end_stream()
+                && self.pending_trailers.is_none()
                 && self.redactor.as_ref().is_none_or(BodyRedactor::is_empty))
     }
 
@@ -320,6 +337,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(trailers) = this.pending_trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
+        }
         if this.finished {
             return Poll::Ready(None);
         }
@@ -338,7 +358,20 @@ impl Body for UpstreamBody {
                             Frame::data(passed)
                         }
                         (Ok(data), None) => Frame::data(data),
-                        (Err(frame), _) => frame,
+                        (Err(frame), redactor) => match (frame.into_trailers(), redactor) {
+                            (Ok(mut trailers), Some(redactor)) => {
+                                redactor.pattern().redact_headers(&mut trailers);
+                                match redactor.finish() {
+                                    Some(held) => {
+                                        this.pending_trailers = Some(Box::new(trailers));
+                                        Frame::data(held)
+                                    }
+                                    None => Frame::trailers(trailers),
+                                }
+                            }
+                            (Ok(trailers), None) => Frame::trailers(trailers),
+                            (Err(frame), _) => frame,
+                        },
                     };
                     if let Some(data) = frame.data_ref() {
                         this.note_tail(data);

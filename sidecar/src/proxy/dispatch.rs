@@ -21,6 +21,7 @@ use super::CallIds;
 use crate::error::ProxyError;
 use crate::limits::tokens::{self, Prompt};
 use crate::limits::{LimitError, Permit, Reservation};
+use crate::provider;
 use crate::resilience::breaker::Admission;
 use crate::resilience::retry::{self, RetryReason};
 use crate::snapshot::{Backend, Endpoint, Snapshot, Upstream};
@@ -254,8 +255,9 @@ async fn send_once(
             json,
             ask_usage,
         } => {
+            let ask_usage = *ask_usage && provider::accepts_stream_options(&endpoint.config);
             let rewritten =
-                Bytes::from(json.with_model(&endpoint.config.model, *ask_usage, bytes.len()));
+                Bytes::from(json.with_model(&endpoint.config.model, ask_usage, bytes.len()));
             let len = rewritten.len() as u64;
             (Either::Left(Full::new(rewritten)), Some(len))
         }

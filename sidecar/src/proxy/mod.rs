@@ -378,8 +378,13 @@ async fn json_call(
                 Err(served) => return Ok(served),
             };
             let success = answer.response.status().is_success();
-            let (response, sse) =
+            let (mut response, sse) =
                 upstream_response(answer.response, &answer.endpoint, answer.deadline);
+            let strip_usage = ask_usage && sse;
+            if strip_usage {
+                // The usage chunk comes out, so the upstream's length no longer holds.
+                response.headers_mut().remove(header::CONTENT_LENGTH);
+            }
             Ok(Served {
                 response,
                 endpoint: Some(answer.endpoint),
@@ -388,7 +393,7 @@ async fn json_call(
                     tap: UsageTap::new(sse),
                     permit: answer.permit,
                     success,
-                    strip_usage: (ask_usage && sse).then(UsageChunkStripper::default),
+                    strip_usage: strip_usage.then(UsageChunkStripper::default),
                 }),
             })
         }

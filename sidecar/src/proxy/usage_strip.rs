@@ -10,16 +10,35 @@ use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
+/// A line longer than this is no usage chunk: it is passed on as it is, and the stream is
+/// no longer filtered, so that an upstream sending no newlines is not held in memory.
+const MAX_HELD_LINE: usize = 1024 * 1024;
+
 #[derive(Default)]
 pub struct UsageChunkStripper {
     /// The start of a line whose end has not arrived yet.
     partial: Vec<u8>,
     /// The blank line that ended a removed event is removed too.
     drop_blank: bool,
+    gave_up: bool,
 }
 
 impl UsageChunkStripper {
+    /// True when nothing is held back.
+    pub fn is_empty(&self) -> bool {
+        self.partial.is_empty()
+    }
+
     pub fn filter(&mut self, data: Bytes) -> Bytes {
+        if self.gave_up {
+            return data;
+        }
+        if self.partial.len().saturating_add(data.len()) > MAX_HELD_LINE && !data.contains(&b'\n') {
+            self.gave_up = true;
+            let mut out = std::mem::take(&mut self.partial);
+            out.extend_from_slice(&data);
+            return Bytes::from(out);
+        }
         let clean = self.partial.is_empty()
             && !self.drop_blank
             && data.last() == Some(&b'\n')
@@ -118,6 +137,22 @@ mod tests {
         assert_eq!(
             String::from_utf8(through(&[STREAM.as_bytes()])).unwrap(),
             EXPECTED
+        );
+    }
+
+    #[test]
+    fn a_line_without_end_is_not_held_forever() {
+        let mut stripper = UsageChunkStripper::default();
+        let long = vec![b'x'; MAX_HELD_LINE];
+        assert!(stripper.filter(Bytes::from(long.clone())).is_empty());
+        assert_eq!(
+            stripper.filter(Bytes::from_static(b"yz")).len(),
+            MAX_HELD_LINE + 2
+        );
+        assert!(stripper.is_empty());
+        assert_eq!(
+            stripper.filter(Bytes::from_static(b"rest")).as_ref(),
+            b"rest"
         );
     }
 
