@@ -145,6 +145,19 @@ impl BodyRedactor {
         self.held.is_empty()
     }
 
+    /// A whole body at once: what `filter` and `finish` would give for it.
+    pub fn whole(mut self, body: Bytes) -> Bytes {
+        let passed = self.filter(body);
+        match self.finish() {
+            None => passed,
+            Some(rest) => {
+                let mut all = passed.to_vec();
+                all.extend_from_slice(&rest);
+                Bytes::from(all)
+            }
+        }
+    }
+
     /// What was held back, at the body's clean end.
     pub fn finish(&mut self) -> Option<Bytes> {
         if self.held.is_empty() {
@@ -231,6 +244,13 @@ mod tests {
             b"sk-private"
         );
         assert_eq!(redactor.finish(), None);
+    }
+
+    #[test]
+    fn a_whole_body_is_masked_as_a_stream_of_it_would_be() {
+        let body = format!("key {KEY} then sk-proj-0123");
+        let whole = BodyRedactor::new(pattern()).whole(Bytes::from(body.clone()));
+        assert_eq!(whole, through(&[body.as_bytes()]).0);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::provider::mock::{self, MockResponse};
 use crate::redact::BodyRedactor;
 use crate::reload::SharedState;
-use crate::snapshot::{Backend, CredentialState, Endpoint, Snapshot};
+use crate::snapshot::{Backend, Endpoint, Snapshot};
 use crate::trace::TraceContext;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -71,7 +71,7 @@ const JSON_ROUTES: &[&str] = &[
 ];
 
 pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Response<ResponseBody> {
-    let request_id = request_id(&request);
+    let (request_id, upstream_replacement) = request_ids(&request);
     let trace = TraceContext::from_request(request.headers());
     let request_id_text = request_id.to_str().unwrap_or("-").to_string();
     let span = tracing::info_span!(
@@ -89,13 +89,12 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
             spans: state.spans.clone(),
         },
     );
-    let upstream_request_id = upstream_request_id(&request_id);
-    if upstream_request_id != request_id {
-        log.upstream_request_id = upstream_request_id.to_str().ok().map(str::to_string);
+    if let Some(id) = &upstream_replacement {
+        log.upstream_request_id = id.to_str().ok().map(str::to_string);
     }
     let snapshot = state.snapshot();
     let ids = CallIds {
-        request_id: &upstream_request_id,
+        request_id: upstream_replacement.as_ref().unwrap_or(&request_id),
         traceparent: trace.header_value(),
         metrics: state.metrics.as_deref(),
     };
@@ -488,15 +487,9 @@ fn upstream_response(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     let timeouts = &endpoint.config.timeouts;
-    let redactor = match &endpoint.backend {
-        Backend::Upstream(upstream) => match &upstream.credential {
-            CredentialState::Loaded(credential) => {
-                Some(BodyRedactor::new(Arc::clone(credential.pattern())))
-            }
-            _ => None,
-        },
-        Backend::Mock(_) => None,
-    };
+    let redactor = endpoint
+        .credential()
+        .map(|credential| BodyRedactor::new(Arc::clone(credential.pattern())));
     let response = response.map(|body| {
         BodyKind::Upstream(UpstreamBody::new(
             body,
@@ -538,17 +531,9 @@ async fn route_missing_upstream(
         Ok(Ok(collected)) => collected.to_bytes(),
         _ => Bytes::new(),
     };
-    let body = match &endpoint.backend {
-        Backend::Upstream(upstream) => match &upstream.credential {
-            CredentialState::Loaded(credential) => {
-                let mut redactor = BodyRedactor::new(Arc::clone(credential.pattern()));
-                let mut masked = redactor.filter(body).to_vec();
-                masked.extend_from_slice(&redactor.finish().unwrap_or_default());
-                Bytes::from(masked)
-            }
-            _ => body,
-        },
-        Backend::Mock(_) => body,
+    let body = match endpoint.credential() {
+        Some(credential) => BodyRedactor::new(Arc::clone(credential.pattern())).whole(body),
+        None => body,
     };
     let said = upstream_error_message(&body);
     if said
@@ -639,27 +624,22 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
     }
 }
 
-/// The app's `x-request-id` if it is usable, else a new UUID.
-fn request_id(request: &Request<Incoming>) -> HeaderValue {
-    request
+/// The request's id, for its response and log line: the app's `x-request-id` if it is
+/// usable, else a new UUID. And the id sent upstream instead, when the app's is not a UUID:
+/// some servers (llama.cpp's) answer any other `x-request-id` with an empty 400.
+fn request_ids(request: &Request<Incoming>) -> (HeaderValue, Option<HeaderValue>) {
+    let app_id = request
         .headers()
         .get(&REQUEST_ID)
-        .filter(|v| (1..=128).contains(&v.len()) && v.to_str().is_ok())
-        .cloned()
-        .unwrap_or_else(new_request_id)
-}
-
-/// The app's request id if it is a UUID, else a new one: some servers (llama.cpp's) answer
-/// any other `x-request-id` with an empty 400. The app's own id stays in its response and
-/// in the log line, beside this one.
-fn upstream_request_id(app_id: &HeaderValue) -> HeaderValue {
-    let bytes = app_id.as_bytes();
-    let is_uuid =
-        bytes.len() == uuid::fmt::Hyphenated::LENGTH && uuid::Uuid::try_parse_ascii(bytes).is_ok();
-    if is_uuid {
-        app_id.clone()
-    } else {
-        new_request_id()
+        .filter(|v| (1..=128).contains(&v.len()) && v.to_str().is_ok());
+    match app_id {
+        None => (new_request_id(), None),
+        Some(id) => {
+            let bytes = id.as_bytes();
+            let is_uuid = bytes.len() == uuid::fmt::Hyphenated::LENGTH
+                && uuid::Uuid::try_parse_ascii(bytes).is_ok();
+            (id.clone(), (!is_uuid).then(new_request_id))
+        }
     }
 }
 
