@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use llmesh_sidecar::config::is_dns_label;
 
 use crate::render::{CONFIG_FILE, CREDENTIAL_KEY, CREDENTIAL_MOUNT_ROOT, REDIS_PASSWORD_KEY};
 
@@ -212,7 +213,7 @@ fn requested_endpoints(
 ) -> Vec<String> {
     let mut all_in_namespace: Vec<&String> = namespace_endpoints
         .iter()
-        .filter(|n| is_endpoint_name(n))
+        .filter(|n| is_dns_label(n))
         .collect();
     all_in_namespace.sort();
     let mut endpoints: Vec<String> = Vec::new();
@@ -232,7 +233,7 @@ fn requested_endpoints(
                     endpoints.push((*name).clone());
                 }
             }
-        } else if !is_endpoint_name(entry) {
+        } else if !is_dns_label(entry) {
             warnings.push(format!(
                 "llmesh: {ENDPOINTS_ANNOTATION}: {:?} is not an LlmEndpoint name; skipped",
                 truncated(entry)
@@ -247,17 +248,6 @@ fn requested_endpoints(
         }
     }
     endpoints
-}
-
-/// The sidecar's own rule for endpoint names (a DNS label), so that every name passed on
-/// fits in a ConfigMap name, a file name and a mount path.
-fn is_endpoint_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    (1..=63).contains(&bytes.len())
-        && bytes.first().is_some_and(edge)
-        && bytes.last().is_some_and(edge)
-        && bytes.iter().all(|b| edge(b) || *b == b'-')
 }
 
 fn truncated(text: &str) -> String {

@@ -23,7 +23,7 @@ pub use resilience::{
     CircuitBreakerConfig, LimitScope, LimitsConfig, RedisConfig, RedisFailurePolicy,
     RetryBudgetConfig, RetryConfig,
 };
-pub use validate::{validate, ConfigError, ValidationErrors};
+pub use validate::{is_dns_label, validate, ConfigError, ValidationErrors};
 
 /// The whole configuration of one sidecar, as written in a single `--config` file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -430,7 +430,9 @@ fn check_secret_file(c: &mut Collector, field: String, file: &std::path::Path) {
     }
 }
 
-pub(super) fn is_dns_label(s: &str) -> bool {
+/// The rule for endpoint names (a DNS label), which the operator's webhook applies too: a
+/// name fits in a ConfigMap name, a file name and a mount path.
+pub fn is_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
