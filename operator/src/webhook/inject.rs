@@ -127,15 +127,23 @@ pub fn decide(
     namespace_endpoints: &[String],
     settings: &InjectionSettings,
 ) -> Result<Decision, InjectError> {
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let Some(annotations) = pod.metadata.annotations.as_ref() else {
+        return Ok(Decision::NotRequested);
+    };
     let Some(requested) = annotations.get(ENDPOINTS_ANNOTATION) else {
         return Ok(Decision::NotRequested);
     };
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    if labels.get(INJECT_LABEL).map(String::as_str) == Some(INJECT_DISABLED) {
+    let opt_out = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_LABEL));
+    if opt_out.map(String::as_str) == Some(INJECT_DISABLED) {
         return Ok(Decision::OptedOut);
     }
-    let spec = pod.spec.clone().unwrap_or_default();
+    // Borrowed until the pod is known to be injected: the one copy is the mutated pod.
+    let no_spec = PodSpec::default();
+    let spec = pod.spec.as_ref().unwrap_or(&no_spec);
     if spec
         .containers
         .iter()
@@ -153,16 +161,16 @@ pub fn decide(
         ));
         return Ok(Decision::Skipped { warnings });
     }
-    if let Some(taken) = taken_name(&spec) {
+    if let Some(taken) = taken_name(spec) {
         warnings.push(format!(
             "llmesh: no sidecar injected: the pod already has a volume named {taken}"
         ));
         return Ok(Decision::Skipped { warnings });
     }
 
-    let resources = resources(&annotations, &settings.resources, &mut warnings);
+    let resources = resources(annotations, &settings.resources, &mut warnings);
     let mut mutated = pod.clone();
-    let mut spec = spec;
+    let spec = mutated.spec.get_or_insert_with(PodSpec::default);
     let sidecar = sidecar_container(settings, &endpoints, resources);
     if settings.native_sidecar {
         spec.init_containers
@@ -183,7 +191,6 @@ pub fn decide(
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(config_volume(&endpoints));
     volumes.push(credentials_volume(&endpoints));
-    mutated.spec = Some(spec);
     let recorded = mutated
         .metadata
         .annotations
