@@ -38,11 +38,12 @@ pub const MUTATE_PATH: &str = "/mutate";
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// A client that has not finished its TLS handshake or request headers by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The API server refuses Event notes longer than 1 kB.
 /// In bytes: the API server refuses an Event whose note is over 1 KiB.
 const MAX_EVENT_NOTE: usize = 1000;
 /// The API server sends a review at once; its own timeout for the call is at most 30 s.
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections still open at shutdown get this long to finish their answer.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// At most `max` bytes of `text`, cut at a character boundary.
 fn truncated(text: &str, max: usize) -> String {
@@ -52,8 +53,6 @@ fn truncated(text: &str, max: usize) -> String {
     }
     text[..end].to_string()
 }
-/// Connections still open at shutdown get this long to finish their answer.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The names of the LlmEndpoints the operator watches, metadata only.
 pub type EndpointIndex = Store<PartialObjectMeta<LlmEndpoint>>;
@@ -168,12 +167,12 @@ impl Webhook {
         namespace: &str,
         warnings: &[String],
     ) {
-        let Some(recorder) = self.events.clone() else {
-            return;
-        };
         if request.dry_run {
             return;
         }
+        let Some(recorder) = self.events.clone() else {
+            return;
+        };
         let Some(regarding) = regarding(pod, namespace) else {
             return;
         };
