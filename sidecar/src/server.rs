@@ -16,7 +16,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::reload::SharedState;
@@ -103,11 +104,35 @@ pub async fn serve_admin(
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
     name: &'static str,
     handler: F,
 ) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let plain = |stream| std::future::ready(Some(stream));
+    serve_wrapped(listener, builder, shutdown, grace, name, plain, handler).await;
+}
+
+/// [`serve`], each accepted connection first going through `wrap` (a TLS handshake, say) in
+/// its own task; a connection that `wrap` turns into `None` is closed.
+pub async fn serve_wrapped<W, WFut, S, F, Fut, B>(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    name: &'static str,
+    wrap: W,
+    handler: F,
+) where
+    W: Fn(TcpStream) -> WFut,
+    WFut: Future<Output = Option<S>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
@@ -139,7 +164,11 @@ pub async fn serve<F, Fut, B>(
                 // reaches this connection.
                 let watcher = graceful.watcher();
                 let builder = Arc::clone(&builder);
+                let wrapped = wrap(stream);
                 tokio::spawn(async move {
+                    let Some(stream) = wrapped.await else {
+                        return;
+                    };
                     let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
                     if let Err(error) = connection.await {
                         tracing::debug!(listener = name, %error, "connection ended with an error");

@@ -3,7 +3,6 @@
 //! answer never waits on the API: `*` and the missing-endpoint warnings cost a scan of a
 //! local list.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,10 +11,8 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{Api, PartialObjectMeta};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -238,66 +235,47 @@ fn pod_name(pod: &Pod) -> String {
         .unwrap_or_default()
 }
 
-/// Serves `webhook` over TLS until `shutdown` changes.
+/// Serves `webhook` over TLS until `shutdown` changes: the sidecar's accept loop, each
+/// connection's TLS handshake bounded like its request headers.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     webhook: Arc<Webhook>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let handshake = move |stream| {
+        let accept = acceptor.accept(stream);
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(stream)) => Some(stream),
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "webhook TLS handshake failed");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT);
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        tracing::warn!(%error, "webhook accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let webhook = Arc::clone(&webhook);
-                let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            tracing::debug!(%error, "webhook TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let service = service_fn(move |request| {
-                        let webhook = Arc::clone(&webhook);
-                        async move { Ok::<_, Infallible>(handle(&webhook, request).await) }
-                    });
-                    let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "webhook connection ended with an error");
-                    }
-                });
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("webhook connections still open at shutdown");
-    }
+    let handler = move |request| {
+        let webhook = Arc::clone(&webhook);
+        async move { handle(&webhook, request).await }
+    };
+    llmesh_sidecar::server::serve_wrapped(
+        listener,
+        builder,
+        shutdown,
+        SHUTDOWN_GRACE,
+        "webhook",
+        handshake,
+        handler,
+    )
+    .await;
 }
 
 async fn handle(webhook: &Webhook, request: Request<Incoming>) -> Response<Full<Bytes>> {
