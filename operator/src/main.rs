@@ -232,8 +232,8 @@ async fn main() -> anyhow::Result<()> {
         move |req| metrics::admin(Arc::clone(&admin_metrics), req),
     ));
 
-    match webhook {
-        Some((tls, settings)) => {
+    let webhook_task = match webhook {
+        Some((tls, settings)) => Some(
             start_webhook(
                 &cli,
                 tls,
@@ -242,12 +242,15 @@ async fn main() -> anyhow::Result<()> {
                 Arc::clone(&metrics),
                 admin_stop.subscribe(),
             )
-            .await?
-        }
-        None => tracing::info!(
-            "neither --webhook-managed-tls nor --webhook-cert-dir: the sidecar-injection webhook is not served"
+            .await?,
         ),
-    }
+        None => {
+            tracing::info!(
+                "neither --webhook-managed-tls nor --webhook-cert-dir: the sidecar-injection webhook is not served"
+            );
+            None
+        }
+    };
 
     let identity = cli
         .identity
@@ -298,6 +301,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = admin_stop.send(true);
     let _ = admin.await;
+    // Admissions in flight finish within the webhook's own grace (5 s) before the process
+    // exits; bounded, since a webhook still waiting for its certificate never returns.
+    if let Some(task) = webhook_task {
+        let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
+    }
     Ok(())
 }
 
@@ -325,7 +333,7 @@ async fn start_webhook(
     client: kube::Client,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     metrics.expect_webhook();
     // From files, a missing certificate stops the start (a mount is wrong); a managed one
     // is waited for (the API may be briefly unreachable).
@@ -359,7 +367,7 @@ async fn start_webhook(
         )),
     });
     let address = cli.webhook_listen;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let certificate = match certificate {
             Certificate::Loaded(certificate) => certificate,
             Certificate::Managed(managed) => {
@@ -386,8 +394,7 @@ async fn start_webhook(
         tracing::info!(%address, "serving the sidecar-injection webhook");
         webhook.metrics.webhook_serving.set(1);
         webhook_server::serve(listener, tls, webhook, shutdown).await;
-    });
-    Ok(())
+    }))
 }
 
 async fn acquire(lease: &LeaderLease) -> anyhow::Result<()> {
