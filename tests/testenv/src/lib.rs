@@ -1,27 +1,41 @@
-//! A real Kubernetes control plane on loopback for llmesh's tests: etcd, kube-apiserver and
-//! kube-controller-manager (garbage collector and namespace controllers only), started from
-//! the binaries that `scripts/testenv` builds.
+//! A real Kubernetes cluster on loopback for llmesh's tests, started from the binaries that
+//! `scripts/testenv` builds.
 //!
-//! Server-side apply, field managers, watches, status subresources, CRD and CEL validation,
-//! owner-reference garbage collection and admission webhooks behave as in a cluster. Pods
-//! are stored, never run: there is no kubelet.
+//! The control plane alone ([`ControlPlane::shared`]): etcd, kube-apiserver and
+//! kube-controller-manager (garbage collector and namespace controllers only). Server-side
+//! apply, field managers, watches, status subresources, CRD and CEL validation, owner-reference
+//! garbage collection and admission webhooks behave as in a cluster; pods are stored, never run.
 //!
-//! Tests in one binary share one control plane ([`ControlPlane::shared`]) and isolate
-//! themselves by namespace ([`ControlPlane::namespace`]); several test binaries may run at
-//! once, each with its own processes, ports and files.
+//! With a node ([`ControlPlane::shared_with_node`]): also containerd, a kubelet registered as the
+//! Ready node `localhost`, kube-scheduler, the controllers that Deployments, ReplicaSets, Jobs,
+//! StatefulSets, ServiceAccounts and their tokens need, and the ServiceAccount admission plugin.
+//! Pods run, each in a network namespace of its own on a bridge the node creates (so each has
+//! its own 127.0.0.1), with the images `scripts/images` builds. One node per machine at a time;
+//! stopping it leaves nothing on the host.
+//!
+//! Tests in one binary share one cluster and isolate themselves by namespace
+//! ([`ControlPlane::namespace`]); several test binaries may run at once, each with its own
+//! control plane (their nodes take turns).
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+mod node;
+mod pki;
+pub mod pods;
+mod process;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::KeyPair;
+
+pub use node::footprint::Footprint;
+use node::NodeTeardown;
+pub use node::{Node, NODE_NAME};
+use pki::{issue, kubeconfig_yaml, new_ca, Ca};
+use process::{free_port, launch, process_alive, spawn_supervised, stop_processes};
 
 /// How long the control plane may take to become ready (first start after a build is slow).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -30,9 +44,33 @@ pub struct ControlPlane {
     /// `https://127.0.0.1:PORT`
     pub server: String,
     pub kubeconfig: PathBuf,
-    ca: CertifiedIssuer<'static, KeyPair>,
+    ca: Ca,
+    names: Vec<&'static str>,
     pids: Vec<u32>,
     dir: PathBuf,
+    node: Option<Node>,
+    teardown: Arc<Teardown>,
+}
+
+/// Stops a cluster; runs at most once, from `Drop` or at exit.
+struct Teardown {
+    done: AtomicBool,
+    node: Option<NodeTeardown>,
+    pids: Vec<u32>,
+    dir: PathBuf,
+}
+
+impl Teardown {
+    fn run(&self) {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(node) = &self.node {
+            node.run();
+        }
+        stop_processes(&self.pids);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A certificate and its private key, both PEM.
@@ -57,21 +95,44 @@ impl ControlPlane {
             .await
     }
 
+    /// The cluster with a node shared by every test in this test binary, like [`Self::shared`].
+    pub async fn shared_with_node() -> &'static ControlPlane {
+        static SHARED: tokio::sync::OnceCell<ControlPlane> = tokio::sync::OnceCell::const_new();
+        SHARED
+            .get_or_init(|| async {
+                let plane = ControlPlane::start_with_node()
+                    .await
+                    .expect("start the test cluster with a node");
+                register_exit_cleanup(&plane);
+                plane
+            })
+            .await
+    }
+
     /// Starts a control plane of its own, stopped when it is dropped.
     pub async fn start() -> anyhow::Result<Self> {
-        let bin = bin_dir()?;
+        Self::start_mode(false).await
+    }
+
+    /// Starts a cluster with a node of its own, stopped when it is dropped.
+    pub async fn start_with_node() -> anyhow::Result<Self> {
+        Self::start_mode(true).await
+    }
+
+    async fn start_mode(with_node: bool) -> anyhow::Result<Self> {
+        let bin = bin_dir(with_node)?;
         let dir = tempfile::Builder::new()
             .prefix("llmesh-testenv-")
             .tempdir()?
             .keep();
-        let result = Self::start_in(&bin, &dir).await;
+        let result = Self::start_in(&bin, &dir, with_node).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
-    async fn start_in(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    async fn start_in(bin: &Path, dir: &Path, with_node: bool) -> anyhow::Result<Self> {
         let ca = new_ca()?;
         let write = |name: &str, content: &str| -> anyhow::Result<PathBuf> {
             let path = dir.join(name);
@@ -89,6 +150,8 @@ impl ControlPlane {
         let serving_cert = write("apiserver.crt", &serving.cert_pem)?;
         let serving_key = write("apiserver.key", &serving.key_pem)?;
         let admin = issue(&ca, "llmesh-test-admin", &[], false, &["system:masters"])?;
+        let admin_cert = write("admin.crt", &admin.cert_pem)?;
+        let admin_key = write("admin.key", &admin.key_pem)?;
         let sa_key = KeyPair::generate()?;
         let sa_private = write("sa.key", &sa_key.serialize_pem())?;
         let sa_public = write("sa.pub", &sa_key.public_key_pem())?;
@@ -97,6 +160,7 @@ impl ControlPlane {
         let peer_port = free_port()?;
         let api_port = free_port()?;
         let kcm_port = free_port()?;
+        let scheduler_port = free_port()?;
         let server = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = write("kubeconfig", &kubeconfig_yaml(&server, &ca.pem(), &admin))?;
 
@@ -113,7 +177,7 @@ impl ControlPlane {
             "--unsafe-no-fsync=true".into(),
             "--log-level=warn".into(),
         ];
-        let apiserver = vec![
+        let mut apiserver = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -132,22 +196,59 @@ impl ControlPlane {
             ),
             // A range for Service IPs inside the API; no traffic goes there.
             "--service-cluster-ip-range=10.96.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
             "--allow-privileged=true".into(),
-            // Without the service-account controller no namespace gets its `default`
-            // ServiceAccount, which this plugin would require of every Pod.
-            "--disable-admission-plugins=ServiceAccount".into(),
             "--v=0".into(),
         ];
+        let mut controllers = vec!["garbagecollector", "namespace"];
+        if with_node {
+            apiserver.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                // Logs and exec: the API server reaches the kubelet as `localhost`, with a
+                // client certificate the kubelet's CA trusts.
+                "--kubelet-preferred-address-types=Hostname".into(),
+                format!("--kubelet-client-certificate={}", admin_cert.display()),
+                format!("--kubelet-client-key={}", admin_key.display()),
+            ]);
+            controllers.extend([
+                // Takes off the not-ready taint the kubelet registers the node with.
+                "nodelifecycle",
+                "deployment",
+                "replicaset",
+                "job",
+                "statefulset",
+                "daemonset",
+                "serviceaccount",
+                "serviceaccount-token",
+                "root-ca-cert-publisher",
+                "endpoint",
+                "endpointslice",
+                "podgc",
+                "ttl-after-finished",
+            ]);
+        } else {
+            apiserver.extend([
+                "--authorization-mode=RBAC".into(),
+                // Without the service-account controller no namespace gets its `default`
+                // ServiceAccount, which this plugin would require of every Pod.
+                "--disable-admission-plugins=ServiceAccount".into(),
+            ]);
+        }
         let controller_manager = vec![
             format!("--kubeconfig={}", kubeconfig.display()),
-            "--controllers=garbagecollector,namespace".into(),
+            format!("--controllers={}", controllers.join(",")),
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={kcm_port}"),
+            // For the ServiceAccount token and kube-root-ca.crt controllers.
+            format!(
+                "--service-account-private-key-file={}",
+                sa_private.display()
+            ),
+            format!("--root-ca-file={}", ca_file.display()),
             "--v=0".into(),
         ];
-        let pids = spawn_supervised(vec![
+        let mut names = vec!["etcd", "kube-apiserver", "kube-controller-manager"];
+        let mut commands = vec![
             launch(bin, "etcd", etcd, &dir.join("etcd.log"))?,
             launch(
                 bin,
@@ -161,34 +262,94 @@ impl ControlPlane {
                 controller_manager,
                 &dir.join("kube-controller-manager.log"),
             )?,
-        ])?;
-        let plane = Self {
+        ];
+        if with_node {
+            let scheduler = vec![
+                format!("--kubeconfig={}", kubeconfig.display()),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={scheduler_port}"),
+                "--v=0".into(),
+            ];
+            names.push("kube-scheduler");
+            commands.push(launch(
+                bin,
+                "kube-scheduler",
+                scheduler,
+                &dir.join("kube-scheduler.log"),
+            )?);
+        }
+        let pids = spawn_supervised(commands)?;
+        let teardown = Teardown {
+            done: AtomicBool::new(false),
+            node: None,
+            pids: pids.clone(),
+            dir: dir.to_path_buf(),
+        };
+        let mut plane = Self {
             server,
             kubeconfig,
             ca,
+            names,
             pids,
             dir: dir.to_path_buf(),
+            node: None,
+            teardown: Arc::new(teardown),
         };
         if let Err(error) = plane.wait_ready().await {
-            let logs = [
-                "etcd.log",
-                "kube-apiserver.log",
-                "kube-controller-manager.log",
-            ]
-            .map(|f| format!("== {f}\n{}", plane.log_tail(f)))
-            .join("\n");
-            plane.stop();
+            let logs = plane.logs();
+            plane.teardown.run();
             bail!("control plane not ready after {START_TIMEOUT:?}: {error:#}\n{logs}");
         }
+        if with_node {
+            plane.start_node(bin, &ca_file).await?;
+        }
         Ok(plane)
+    }
+
+    async fn start_node(&mut self, bin: &Path, ca_file: &Path) -> anyhow::Result<()> {
+        let access = node::PlaneAccess {
+            bin,
+            dir: &self.dir,
+            ca: &self.ca,
+            ca_file,
+            server: &self.server,
+        };
+        let started = node::start(&access, spawn_supervised).await;
+        let (node, node_teardown) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                self.teardown.run();
+                return Err(error.context("start the node"));
+            }
+        };
+        let ready = match self.client().await {
+            Ok(client) => node::wait_ready(&client, &node_teardown).await,
+            Err(error) => Err(error),
+        };
+        let teardown = Teardown {
+            done: AtomicBool::new(false),
+            node: Some(node_teardown),
+            pids: self.pids.clone(),
+            dir: self.dir.clone(),
+        };
+        // The first teardown would stop only the control plane; this one stops both.
+        self.teardown.done.store(true, Ordering::SeqCst);
+        self.teardown = Arc::new(teardown);
+        if let Err(error) = ready {
+            let logs = format!("{}\n{}", self.logs(), node.log_tail());
+            self.teardown.run();
+            bail!("{error:#}\n{logs}");
+        }
+        self.node = Some(node);
+        Ok(())
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last_error = anyhow::anyhow!("not tried");
         while Instant::now() < deadline {
-            let names = ["etcd", "kube-apiserver", "kube-controller-manager"];
-            for (pid, name) in self.pids.iter().zip(names) {
+            for (pid, name) in self.pids.iter().zip(&self.names) {
                 if !process_alive(*pid) {
                     bail!("{name} (pid {pid}) exited during start-up");
                 }
@@ -215,6 +376,30 @@ impl ControlPlane {
         Ok(())
     }
 
+    async fn wait_default_service_account(&self, namespace: &str) -> anyhow::Result<()> {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let accounts: kube::Api<ServiceAccount> =
+            kube::Api::namespaced(self.client().await?, namespace);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while accounts.get_opt("default").await?.is_none() {
+            if Instant::now() > deadline {
+                bail!("namespace {namespace} got no default ServiceAccount");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// The node, when the cluster was started with one.
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    /// What the node leaves on the host while it runs, to check that stopping removed it.
+    pub fn node_footprint(&self) -> Option<Footprint> {
+        self.teardown.node.as_ref().map(|n| n.footprint.clone())
+    }
+
     /// A new client (each test's runtime needs its own connections).
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
@@ -232,6 +417,11 @@ impl ControlPlane {
             "metadata": {"name": name, "labels": {"llmesh.io/test": "true"}}
         }))?;
         namespaces.create(&Default::default(), &ns).await?;
+        if self.node.is_some() {
+            // With the ServiceAccount admission plugin on, pods are refused until the
+            // namespace's `default` ServiceAccount exists.
+            self.wait_default_service_account(&name).await?;
+        }
         Ok(name)
     }
 
@@ -267,22 +457,30 @@ impl ControlPlane {
         issue(&self.ca, common_name, &["localhost"], true, &[])
     }
 
-    fn log_tail(&self, file: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn stop(&self) {
-        stop_processes(&self.pids);
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// The last lines of each control plane process's log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        self.names
+            .iter()
+            .map(|name| {
+                let file = self.dir.join(format!("{name}.log"));
+                format!("== {name}\n{}", tail(&file, 30))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        self.stop();
+        self.teardown.run();
     }
+}
+
+/// The last `lines` lines of a log file.
+pub(crate) fn tail(file: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A tool (`helm`, `kubectl`) built by `scripts/testenv`, else the one on `PATH`.
@@ -293,9 +491,17 @@ pub fn tool(name: &str) -> PathBuf {
     }
 }
 
-fn bin_dir() -> anyhow::Result<PathBuf> {
+fn bin_dir(with_node: bool) -> anyhow::Result<PathBuf> {
     let dir = testenv_bin_dir()?;
-    for tool in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+    let node_tools: &[&str] = if with_node {
+        &["kube-scheduler", "kubelet"]
+    } else {
+        &[]
+    };
+    for tool in ["etcd", "kube-apiserver", "kube-controller-manager"]
+        .iter()
+        .chain(node_tools)
+    {
         if !dir.join(tool).is_file() {
             bail!(
                 "{} not found in {}: run scripts/testenv first",
@@ -320,119 +526,13 @@ fn testenv_bin_dir() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn launch(bin: &Path, name: &str, args: Vec<String>, log: &Path) -> anyhow::Result<Command> {
-    let log = std::fs::File::create(log)?;
-    let mut command = Command::new(bin.join(name));
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    Ok(command)
-}
-
-/// Starts the commands from a thread that lives as long as the process, each child set to
-/// be killed when that thread's process dies (`PR_SET_PDEATHSIG` fires when the spawning
-/// *thread* exits, so a short-lived test thread must not be the one that spawns).
-fn spawn_supervised(commands: Vec<Command>) -> anyhow::Result<Vec<u32>> {
-    static SUPERVISOR: OnceLock<Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    type SpawnRequest = (
-        Vec<Command>,
-        std::sync::mpsc::Sender<std::io::Result<Vec<u32>>>,
-    );
-    let sender = SUPERVISOR.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("testenv-supervisor".into())
-            .spawn(move || {
-                let mut children: Vec<Child> = Vec::new();
-                for (commands, reply) in rx {
-                    let mut pids = Vec::new();
-                    let mut result = Ok(());
-                    for mut command in commands {
-                        set_parent_death_signal(&mut command);
-                        match command.spawn() {
-                            Ok(child) => {
-                                pids.push(child.id());
-                                children.push(child);
-                            }
-                            Err(e) => {
-                                result = Err(e);
-                                break;
-                            }
-                        }
-                    }
-                    let _ = reply.send(result.map(|()| pids));
-                    // Reap children that exited so they do not linger as zombies.
-                    children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
-                }
-            })
-            .expect("start the testenv supervisor thread");
-        Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-    sender
-        .lock()
-        .map_err(|_| anyhow::anyhow!("supervisor lock poisoned"))?
-        .send((commands, reply_tx))
-        .context("supervisor thread is gone")?;
-    Ok(reply_rx.recv().context("supervisor thread is gone")??)
-}
-
-fn set_parent_death_signal(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-fn stop_processes(pids: &[u32]) {
-    // Reverse order: the controller manager and API server before etcd.
-    for pid in pids.iter().rev() {
-        // SAFETY: kill(2) on a PID this harness started.
-        unsafe {
-            libc::kill(*pid as libc::pid_t, libc::SIGTERM);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| process_alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for pid in pids {
-        if process_alive(*pid) {
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(*pid as libc::pid_t, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-fn process_alive(pid: u32) -> bool {
-    // A zombie (exited, not yet reaped by the supervisor) counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 /// The shared control plane is a static, which Rust never drops: stop it at exit instead.
 fn register_exit_cleanup(plane: &ControlPlane) {
-    static AT_EXIT: Mutex<Vec<(Vec<u32>, PathBuf)>> = Mutex::new(Vec::new());
+    static AT_EXIT: Mutex<Vec<Arc<Teardown>>> = Mutex::new(Vec::new());
     extern "C" fn cleanup() {
         if let Ok(planes) = AT_EXIT.lock() {
-            for (pids, dir) in planes.iter() {
-                stop_processes(pids);
-                let _ = std::fs::remove_dir_all(dir);
+            for teardown in planes.iter() {
+                teardown.run();
             }
         }
     }
@@ -443,94 +543,12 @@ fn register_exit_cleanup(plane: &ControlPlane) {
                 libc::atexit(cleanup);
             }
         }
-        planes.push((plane.pids.clone(), plane.dir.clone()));
+        planes.push(plane.teardown.clone());
     }
-}
-
-fn new_ca() -> anyhow::Result<CertifiedIssuer<'static, KeyPair>> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "llmesh-testenv-ca");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
-}
-
-fn issue(
-    ca: &CertifiedIssuer<'static, KeyPair>,
-    common_name: &str,
-    dns_names: &[&str],
-    server: bool,
-    organizations: &[&str],
-) -> anyhow::Result<ServingCert> {
-    let mut params =
-        CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    for org in organizations {
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, *org);
-    }
-    if server {
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    } else {
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    }
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, ca)?;
-    Ok(ServingCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
-}
-
-fn kubeconfig_yaml(server: &str, ca_pem: &str, admin: &ServingCert) -> String {
-    use base64::Engine as _;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: testenv
-  cluster:
-    server: {server}
-    certificate-authority-data: {ca}
-users:
-- name: admin
-  user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
-contexts:
-- name: testenv
-  context: {{cluster: testenv, user: admin}}
-current-context: testenv
-",
-        ca = b64(ca_pem),
-        cert = b64(&admin.cert_pem),
-        key = b64(&admin.key_pem),
-    )
 }
 
 fn http_request(path: &str) -> anyhow::Result<http::Request<Vec<u8>>> {
     Ok(http::Request::get(path).body(Vec::new())?)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn unique_suffix() -> String {

@@ -1,0 +1,213 @@
+//! The node mode: containerd and a kubelet beside the control plane, registered as the Ready
+//! node `localhost`, running pods on a bridge of their own (see [`network`]) with llmesh's
+//! locally built images. Stopping it leaves nothing on the host (see [`footprint`]).
+
+mod command;
+mod containerd;
+pub(crate) mod footprint;
+mod kubelet;
+mod lock;
+mod network;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::pki::{self, Ca};
+use crate::process::{free_port, launch, process_alive, stop_processes};
+use footprint::Footprint;
+pub use kubelet::NODE_NAME;
+use lock::NodeLock;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The running node, as tests see it.
+pub struct Node {
+    /// The host's address on the pod network (the pods' `status.hostIP`): a server a test
+    /// binds there is reachable from pods, and from nothing beyond this machine.
+    pub host_address: Ipv4Addr,
+    /// The images the node has, by reference (the pods use `imagePullPolicy: Never`).
+    pub images: Vec<String>,
+    containerd_socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Node {
+    /// `ctr` against the node's containerd (namespace `k8s.io`), for tests that look inside.
+    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
+        containerd::ctr(&self.containerd_socket, args)
+    }
+
+    /// The last lines of the kubelet's and containerd's logs, for a failing test's message.
+    pub fn log_tail(&self) -> String {
+        ["kubelet.log", "containerd.log"]
+            .map(|f| format!("== {f}\n{}", crate::tail(&self.dir.join(f), 30)))
+            .join("\n")
+    }
+}
+
+/// What stopping the node takes; runs at most once.
+pub(crate) struct NodeTeardown {
+    kubelet_pid: Mutex<Option<u32>>,
+    pub(crate) footprint: Footprint,
+    lock: Mutex<Option<NodeLock>>,
+}
+
+impl NodeTeardown {
+    pub(crate) fn run(&self) {
+        if let Some(pid) = self.kubelet_pid.lock().ok().and_then(|mut p| p.take()) {
+            stop_processes(&[pid]);
+        }
+        if let Some(lock) = self.lock.lock().ok().and_then(|mut l| l.take()) {
+            self.footprint.remove();
+            lock.release();
+        }
+    }
+}
+
+/// What the node needs from the control plane.
+pub(crate) struct PlaneAccess<'a> {
+    pub(crate) bin: &'a Path,
+    pub(crate) dir: &'a Path,
+    pub(crate) ca: &'a Ca,
+    pub(crate) ca_file: &'a Path,
+    pub(crate) server: &'a str,
+}
+
+/// Starts containerd and the kubelet; the node registers itself with the API server.
+pub(crate) async fn start(
+    plane: &PlaneAccess<'_>,
+    spawn: impl Fn(Vec<Command>) -> anyhow::Result<Vec<u32>>,
+) -> anyhow::Result<(Node, NodeTeardown)> {
+    let dir = plane.dir.join("node");
+    std::fs::create_dir_all(&dir)?;
+    let footprint = Footprint::record(&dir);
+    let lock = NodeLock::acquire(&footprint)?;
+    let teardown = NodeTeardown {
+        kubelet_pid: Mutex::new(None),
+        footprint,
+        lock: Mutex::new(Some(lock)),
+    };
+    match start_processes(plane, &dir, &teardown, spawn).await {
+        Ok(node) => Ok((node, teardown)),
+        Err(error) => {
+            let logs = ["kubelet.log", "containerd.log"]
+                .map(|f| format!("== {f}\n{}", crate::tail(&dir.join(f), 30)))
+                .join("\n");
+            teardown.run();
+            Err(error.context(logs))
+        }
+    }
+}
+
+async fn start_processes(
+    plane: &PlaneAccess<'_>,
+    dir: &Path,
+    teardown: &NodeTeardown,
+    spawn: impl Fn(Vec<Command>) -> anyhow::Result<Vec<u32>>,
+) -> anyhow::Result<Node> {
+    footprint::create_cgroup_root()?;
+    network::create()?;
+    let cni_config = network::cni_config(&dir.join("cni/ipam"));
+    let containerd_paths = containerd::configure(dir, &cni_config)?;
+    let containerd_pid = spawn(vec![launch_containerd(&containerd_paths.config, dir)?])?
+        .into_iter()
+        .next()
+        .context("containerd was not started")?;
+    containerd::wait_ready(&containerd_paths.socket, containerd_pid).await?;
+    let images = containerd::import_images(&containerd_paths.socket)?;
+
+    let write = |name: &str, content: &str| -> anyhow::Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    };
+    let serving = pki::issue(plane.ca, NODE_NAME, &[NODE_NAME], true, &[])?;
+    write("kubelet-serving.crt", &serving.cert_pem)?;
+    write("kubelet-serving.key", &serving.key_pem)?;
+    let identity = pki::issue(
+        plane.ca,
+        &format!("system:node:{NODE_NAME}"),
+        &[],
+        false,
+        &["system:nodes"],
+    )?;
+    let kubeconfig = write(
+        "kubelet.kubeconfig",
+        &pki::kubeconfig_yaml(plane.server, &plane.ca.pem(), &identity),
+    )?;
+    let ports = kubelet::Ports {
+        server: free_port()?,
+        healthz: free_port()?,
+    };
+    let config = write(
+        "kubelet.yaml",
+        &kubelet::config(dir, plane.ca_file, &containerd_paths.socket, &ports),
+    )?;
+    let args = kubelet::args(dir, &config, &kubeconfig, network::HOST_ADDRESS);
+    let kubelet_pid = spawn(vec![launch(
+        plane.bin,
+        "kubelet",
+        args,
+        &dir.join("kubelet.log"),
+    )?])?
+    .into_iter()
+    .next()
+    .context("the kubelet was not started")?;
+    if let Ok(mut slot) = teardown.kubelet_pid.lock() {
+        *slot = Some(kubelet_pid);
+    }
+    Ok(Node {
+        host_address: network::HOST_ADDRESS,
+        images,
+        containerd_socket: containerd_paths.socket,
+        dir: dir.to_path_buf(),
+    })
+}
+
+fn launch_containerd(config: &Path, dir: &Path) -> anyhow::Result<Command> {
+    let log = std::fs::File::create(dir.join("containerd.log"))?;
+    let mut command = Command::new("containerd");
+    command
+        .arg(format!("--config={}", config.display()))
+        .arg("--log-level=warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(command)
+}
+
+/// Waits until the node is Ready and the kubelet still runs.
+pub(crate) async fn wait_ready(
+    client: &kube::Client,
+    teardown: &NodeTeardown,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let nodes: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(pid) = teardown.kubelet_pid.lock().ok().and_then(|p| *p) {
+            if !process_alive(pid) {
+                bail!("the kubelet (pid {pid}) exited");
+            }
+        }
+        let ready = nodes.get_opt(NODE_NAME).await?.is_some_and(|node| {
+            node.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("node {NODE_NAME} not Ready after {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

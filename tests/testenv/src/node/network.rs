@@ -1,0 +1,80 @@
+//! The pod network: a bridge the node creates for itself, with no gateway, no masquerade and no
+//! forwarding, so pods reach each other and the host's address on that bridge, and nothing else.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+
+use super::command::run;
+
+pub(crate) const BRIDGE: &str = "llmesh0";
+/// The host's address on the bridge: the node's IP, where pods reach servers a test runs.
+pub(crate) const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 244, 77, 1);
+const PREFIX_LEN: u8 = 24;
+const SUBNET: &str = "10.244.77.0/24";
+/// The first address pods get; `ip route get` on it must go through the bridge.
+const FIRST_POD_ADDRESS: &str = "10.244.77.10";
+
+/// Creates the bridge with the host's address, and checks that pod addresses are routed through
+/// it before anything starts (a machine that already routes this subnet elsewhere is refused).
+pub(crate) fn create() -> anyhow::Result<()> {
+    let addresses = run("ip", &["-4", "-o", "addr", "show"])?;
+    if addresses.contains("10.244.77.") {
+        bail!("an interface already has an address in {SUBNET}; the pod network would overlap it:\n{addresses}");
+    }
+    run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
+    let result = configure();
+    if result.is_err() {
+        delete();
+    }
+    result
+}
+
+fn configure() -> anyhow::Result<()> {
+    let address = format!("{HOST_ADDRESS}/{PREFIX_LEN}");
+    run("ip", &["addr", "add", &address, "dev", BRIDGE])?;
+    // Nothing that arrives on the bridge may be forwarded elsewhere, whatever the host's
+    // global setting.
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{BRIDGE}/forwarding"), "0")
+        .context("turn off forwarding on the bridge")?;
+    run("ip", &["link", "set", BRIDGE, "up"])?;
+    let route = run("ip", &["-4", "route", "get", FIRST_POD_ADDRESS])?;
+    if !route.split_whitespace().any(|word| word == BRIDGE) || route.contains(" via ") {
+        bail!("pod addresses are not routed through {BRIDGE} (ip route get {FIRST_POD_ADDRESS}: {route})");
+    }
+    Ok(())
+}
+
+pub(crate) fn exists() -> bool {
+    Path::new("/sys/class/net").join(BRIDGE).exists()
+}
+
+pub(crate) fn delete() {
+    if exists() {
+        let _ = run("ip", &["link", "del", BRIDGE]);
+    }
+}
+
+/// The CNI configuration: the `bridge` plugin on our bridge, `isGateway: false` (pods get no
+/// default route) and `ipMasq: false`; host-local addresses kept under `ipam_dir`.
+pub(crate) fn cni_config(ipam_dir: &Path) -> String {
+    serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "llmesh-test",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": BRIDGE,
+            "isGateway": false,
+            "isDefaultGateway": false,
+            "ipMasq": false,
+            "hairpinMode": true,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": SUBNET, "rangeStart": FIRST_POD_ADDRESS}]],
+                "dataDir": ipam_dir,
+            },
+        }],
+    })
+    .to_string()
+}
