@@ -133,6 +133,12 @@ impl ControlPlane {
     }
 
     async fn start_in(bin: &Path, dir: &Path, with_node: bool) -> anyhow::Result<Self> {
+        // The node's bridge comes first: in node mode the API server listens on it.
+        let node_teardown = if with_node {
+            Some(node::prepare(dir)?)
+        } else {
+            None
+        };
         let ca = new_ca()?;
         let write = |name: &str, content: &str| -> anyhow::Result<PathBuf> {
             let path = dir.join(name);
@@ -146,10 +152,18 @@ impl ControlPlane {
             &["localhost", "kubernetes"],
             true,
             &[],
+            &[node::network::API_ADDRESS],
         )?;
         let serving_cert = write("apiserver.crt", &serving.cert_pem)?;
         let serving_key = write("apiserver.key", &serving.key_pem)?;
-        let admin = issue(&ca, "llmesh-test-admin", &[], false, &["system:masters"])?;
+        let admin = issue(
+            &ca,
+            "llmesh-test-admin",
+            &[],
+            false,
+            &["system:masters"],
+            &[],
+        )?;
         let admin_cert = write("admin.crt", &admin.cert_pem)?;
         let admin_key = write("admin.key", &admin.key_pem)?;
         let sa_key = KeyPair::generate()?;
@@ -158,10 +172,17 @@ impl ControlPlane {
 
         let etcd_port = free_port()?;
         let peer_port = free_port()?;
-        let api_port = free_port()?;
+        // With a node, pods reach the API server as in a cluster: at the `kubernetes` Service's
+        // address and port (KUBERNETES_SERVICE_HOST/PORT), which the node's bridge carries; there
+        // is no kube-proxy to translate them.
+        let (api_address, api_port) = if with_node {
+            (node::network::API_ADDRESS, 443)
+        } else {
+            (std::net::Ipv4Addr::LOCALHOST, free_port()?)
+        };
         let kcm_port = free_port()?;
         let scheduler_port = free_port()?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{api_address}:{api_port}");
         let kubeconfig = write("kubeconfig", &kubeconfig_yaml(&server, &ca.pem(), &admin))?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -179,8 +200,8 @@ impl ControlPlane {
         ];
         let mut apiserver = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={api_address}"),
+            format!("--advertise-address={api_address}"),
             // The `kubernetes` Service endpoint may not be a loopback address; nothing needs it here.
             "--endpoint-reconciler-type=none".into(),
             format!("--secure-port={api_port}"),
@@ -208,6 +229,9 @@ impl ControlPlane {
                 "--kubelet-preferred-address-types=Hostname".into(),
                 format!("--kubelet-client-certificate={}", admin_cert.display()),
                 format!("--kubelet-client-key={}", admin_key.display()),
+                // Webhooks and aggregated APIs are called at their Service's endpoints (pod
+                // addresses on the bridge), since no kube-proxy serves Service addresses.
+                "--enable-aggregator-routing=true".into(),
             ]);
             controllers.extend([
                 // Takes off the not-ready taint the kubelet registers the node with.
@@ -279,10 +303,18 @@ impl ControlPlane {
                 &dir.join("kube-scheduler.log"),
             )?);
         }
-        let pids = spawn_supervised(commands)?;
+        let pids = match spawn_supervised(commands) {
+            Ok(pids) => pids,
+            Err(error) => {
+                if let Some(node) = &node_teardown {
+                    node.run();
+                }
+                return Err(error);
+            }
+        };
         let teardown = Teardown {
             done: AtomicBool::new(false),
-            node: None,
+            node: node_teardown,
             pids: pids.clone(),
             dir: dir.to_path_buf(),
         };
@@ -308,6 +340,9 @@ impl ControlPlane {
     }
 
     async fn start_node(&mut self, bin: &Path, ca_file: &Path) -> anyhow::Result<()> {
+        let Some(node_teardown) = &self.teardown.node else {
+            bail!("the control plane was started without a node");
+        };
         let access = node::PlaneAccess {
             bin,
             dir: &self.dir,
@@ -315,34 +350,29 @@ impl ControlPlane {
             ca_file,
             server: &self.server,
         };
-        let started = node::start(&access, spawn_supervised).await;
-        let (node, node_teardown) = match started {
-            Ok(started) => started,
-            Err(error) => {
-                self.teardown.run();
-                return Err(error.context("start the node"));
+        let started = node::start(&access, node_teardown, spawn_supervised).await;
+        let ready = match &started {
+            Ok(_) => match self.client().await {
+                Ok(client) => node::wait_ready(&client, node_teardown).await,
+                Err(error) => Err(error),
+            },
+            Err(_) => Ok(()),
+        };
+        match (started, ready) {
+            (Ok(node), Ok(())) => {
+                self.node = Some(node);
+                Ok(())
             }
-        };
-        let ready = match self.client().await {
-            Ok(client) => node::wait_ready(&client, &node_teardown).await,
-            Err(error) => Err(error),
-        };
-        let teardown = Teardown {
-            done: AtomicBool::new(false),
-            node: Some(node_teardown),
-            pids: self.pids.clone(),
-            dir: self.dir.clone(),
-        };
-        // The first teardown would stop only the control plane; this one stops both.
-        self.teardown.done.store(true, Ordering::SeqCst);
-        self.teardown = Arc::new(teardown);
-        if let Err(error) = ready {
-            let logs = format!("{}\n{}", self.logs(), node.log_tail());
-            self.teardown.run();
-            bail!("{error:#}\n{logs}");
+            (Ok(node), Err(error)) => {
+                let logs = format!("{}\n{}", self.logs(), node.log_tail());
+                self.teardown.run();
+                bail!("{error:#}\n{logs}");
+            }
+            (Err(error), _) => {
+                self.teardown.run();
+                Err(error.context("start the node"))
+            }
         }
-        self.node = Some(node);
-        Ok(())
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -454,7 +484,7 @@ impl ControlPlane {
 
     /// A serving certificate for 127.0.0.1 signed by the cluster CA (for webhook servers).
     pub fn issue_serving_cert(&self, common_name: &str) -> anyhow::Result<ServingCert> {
-        issue(&self.ca, common_name, &["localhost"], true, &[])
+        issue(&self.ca, common_name, &["localhost"], true, &[], &[])
     }
 
     /// The last lines of each control plane process's log, for a failing test's message.

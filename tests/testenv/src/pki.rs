@@ -31,6 +31,7 @@ pub(crate) fn issue(
     dns_names: &[&str],
     server: bool,
     organizations: &[&str],
+    extra_ips: &[Ipv4Addr],
 ) -> anyhow::Result<ServingCert> {
     let mut params =
         CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
@@ -43,9 +44,11 @@ pub(crate) fn issue(
             .push(DnType::OrganizationName, *org);
     }
     if server {
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        for ip in std::iter::once(&Ipv4Addr::LOCALHOST).chain(extra_ips) {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(*ip)));
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     } else {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];

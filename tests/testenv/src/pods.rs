@@ -6,7 +6,8 @@ use anyhow::bail;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 
-/// Polls the pod until `done` holds, failing after `timeout` with the pod's last status.
+/// Polls the pod until `done` holds, failing after `timeout` (or as soon as the pod has
+/// failed) with the pod's last status.
 pub async fn wait_for(
     pods: &Api<Pod>,
     name: &str,
@@ -20,7 +21,8 @@ pub async fn wait_for(
         if let Some(pod) = pod.as_ref().filter(|p| done(p)) {
             return Ok(pod.clone());
         }
-        if Instant::now() > deadline {
+        let failed = pod.as_ref().is_some_and(|p| phase(p) == "Failed");
+        if failed || Instant::now() > deadline {
             let status = pod
                 .and_then(|p| p.status)
                 .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default());

@@ -471,11 +471,21 @@ async fn a_job_with_the_sidecar_completes_when_its_app_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_get_service_account_tokens() {
+async fn pods_get_service_account_tokens_and_reach_the_api_server_as_in_a_cluster() {
     let plane = ControlPlane::shared_with_node().await;
     let client = plane.client().await.unwrap();
     let ns = plane.namespace("node-sa").await.unwrap();
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    // busybox's TLS cannot talk to Go's, so a plain request stands in for a client: the Go
+    // HTTPS server at the in-cluster address answers it with its typical 400. Then the pod's
+    // routes: its subnet and the API server's address, nothing else (so no way out).
+    let script = format!(
+        "cat {sa}/namespace; echo; \
+         test -s {sa}/token && grep -q 'BEGIN CERTIFICATE' {sa}/ca.crt && echo token-ok; \
+         printf 'GET /version HTTP/1.0\\r\\n\\r\\n' | nc -w 5 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT | head -n 1; \
+         ip route"
+    );
     pods_api
         .create(
             &PostParams::default(),
@@ -483,16 +493,13 @@ async fn pods_get_service_account_tokens() {
                 "metadata": {"name": "reader"},
                 "spec": {"restartPolicy": "Never", "containers": [{
                     "name": "main", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c",
-                        "cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo; \
-                         test -s /var/run/secrets/kubernetes.io/serviceaccount/token && \
-                         grep -q 'BEGIN CERTIFICATE' /var/run/secrets/kubernetes.io/serviceaccount/ca.crt && echo token-ok"],
+                    "command": ["/bin/sh", "-c", script],
                 }]},
             })),
         )
         .await
         .unwrap();
-    pods::wait_for(&pods_api, "reader", START, "Succeeded", |p| {
+    let pod = pods::wait_for(&pods_api, "reader", START, "Succeeded", |p| {
         pods::phase(p) == "Succeeded"
     })
     .await
@@ -501,5 +508,19 @@ async fn pods_get_service_account_tokens() {
         .logs("reader", &LogParams::default())
         .await
         .unwrap();
-    assert_eq!(logs, format!("{ns}\ntoken-ok\n"));
+    let lines: Vec<&str> = logs.lines().map(str::trim).collect();
+    assert_eq!(
+        lines,
+        [
+            ns.as_str(),
+            "token-ok",
+            "HTTP/1.0 400 Bad Request",
+            "10.96.0.1 via 10.244.77.1 dev eth0",
+            &format!(
+                "10.244.77.0/24 dev eth0 scope link  src {}",
+                pods::ip(&pod).unwrap()
+            ),
+        ],
+        "{logs}"
+    );
 }

@@ -7,7 +7,7 @@ mod containerd;
 pub(crate) mod footprint;
 mod kubelet;
 mod lock;
-mod network;
+pub(crate) mod network;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -78,12 +78,10 @@ pub(crate) struct PlaneAccess<'a> {
     pub(crate) server: &'a str,
 }
 
-/// Starts containerd and the kubelet; the node registers itself with the API server.
-pub(crate) async fn start(
-    plane: &PlaneAccess<'_>,
-    spawn: impl Fn(Vec<Command>) -> anyhow::Result<Vec<u32>>,
-) -> anyhow::Result<(Node, NodeTeardown)> {
-    let dir = plane.dir.join("node");
+/// Takes the machine's node lock and makes the node's place on the host: its pods' cgroup root
+/// and the pod network (which the API server listens on, so it comes before the control plane).
+pub(crate) fn prepare(plane_dir: &Path) -> anyhow::Result<NodeTeardown> {
+    let dir = plane_dir.join("node");
     std::fs::create_dir_all(&dir)?;
     let footprint = Footprint::record(&dir);
     let lock = NodeLock::acquire(&footprint)?;
@@ -92,16 +90,28 @@ pub(crate) async fn start(
         footprint,
         lock: Mutex::new(Some(lock)),
     };
-    match start_processes(plane, &dir, &teardown, spawn).await {
-        Ok(node) => Ok((node, teardown)),
-        Err(error) => {
+    if let Err(error) = footprint::create_cgroup_root().and_then(|()| network::create()) {
+        teardown.run();
+        return Err(error);
+    }
+    Ok(teardown)
+}
+
+/// Starts containerd and the kubelet; the node registers itself with the API server.
+pub(crate) async fn start(
+    plane: &PlaneAccess<'_>,
+    teardown: &NodeTeardown,
+    spawn: impl Fn(Vec<Command>) -> anyhow::Result<Vec<u32>>,
+) -> anyhow::Result<Node> {
+    let dir = plane.dir.join("node");
+    start_processes(plane, &dir, teardown, spawn)
+        .await
+        .map_err(|error| {
             let logs = ["kubelet.log", "containerd.log"]
                 .map(|f| format!("== {f}\n{}", crate::tail(&dir.join(f), 30)))
                 .join("\n");
-            teardown.run();
-            Err(error.context(logs))
-        }
-    }
+            error.context(logs)
+        })
 }
 
 async fn start_processes(
@@ -110,8 +120,6 @@ async fn start_processes(
     teardown: &NodeTeardown,
     spawn: impl Fn(Vec<Command>) -> anyhow::Result<Vec<u32>>,
 ) -> anyhow::Result<Node> {
-    footprint::create_cgroup_root()?;
-    network::create()?;
     let cni_config = network::cni_config(&dir.join("cni/ipam"));
     let containerd_paths = containerd::configure(dir, &cni_config)?;
     let containerd_pid = spawn(vec![launch_containerd(&containerd_paths.config, dir)?])?
@@ -126,7 +134,7 @@ async fn start_processes(
         std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
         Ok(path)
     };
-    let serving = pki::issue(plane.ca, NODE_NAME, &[NODE_NAME], true, &[])?;
+    let serving = pki::issue(plane.ca, NODE_NAME, &[NODE_NAME], true, &[], &[])?;
     write("kubelet-serving.crt", &serving.cert_pem)?;
     write("kubelet-serving.key", &serving.key_pem)?;
     let identity = pki::issue(
@@ -135,6 +143,7 @@ async fn start_processes(
         &[],
         false,
         &["system:nodes"],
+        &[],
     )?;
     let kubeconfig = write(
         "kubelet.kubeconfig",
