@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::{install_crd, CRD_FILE};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
+use llmesh_operator::crd::LlmEndpoint;
 use llmesh_testenv::{tool, ControlPlane};
 use serde::Deserialize as _;
 use serde_json::{json, Value};
@@ -380,4 +382,257 @@ async fn the_api_server_accepts_the_monitoring_rendering() {
         ])
         .arg(&crds));
     assert_accepted(plane, &render(RELEASE_NAMESPACE, case_args("monitoring")));
+}
+
+/// `kubeconfig`, acting as the chart's ServiceAccount (impersonation), so that a process using
+/// it has exactly the chart's RBAC.
+fn kubeconfig_as_service_account(kubeconfig: &Path, namespace: &str) -> String {
+    let mut config: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(kubeconfig).unwrap()).unwrap();
+    for user in config["users"].as_array_mut().unwrap() {
+        user["user"]["as"] = json!(format!("system:serviceaccount:{namespace}:llmesh-operator"));
+    }
+    serde_yaml_ng::to_string(&config).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = http
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// Applies `manifest` for real, with server-side apply.
+fn apply(plane: &ControlPlane, manifest: &str) {
+    let mut child = kubectl(plane)
+        .args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager",
+            "llmesh-tests",
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Whether the LlmEndpoint `chat` has the condition Ready with `wanted` status.
+async fn chat_ready(endpoints: Api<LlmEndpoint>, wanted: &'static str) -> Option<()> {
+    let status = endpoints.get("chat").await.ok()?.status?;
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == wanted)
+        .then_some(())
+}
+
+/// Renders the chart into `release_namespace` with `args`, applies its ServiceAccount, RBAC
+/// and webhook configuration, and starts the real operator with the rendered Deployment's own
+/// arguments, acting as the chart's ServiceAccount. Then, in `endpoint_namespace`: an
+/// LlmEndpoint whose Secret arrives late is reported waiting (with an Event), then Ready with
+/// its key copied; the operator leads, issues the webhook certificate, patches caBundle and
+/// serves the webhook; and no request of it was refused.
+async fn operator_runs_with_the_charts_rbac(
+    plane: &ControlPlane,
+    release_namespace: &str,
+    args: &[&str],
+    endpoint_namespace: &str,
+) {
+    let client = plane.client().await.unwrap();
+    ensure_namespace(&client, release_namespace).await;
+    let rendering = objects(&render(release_namespace, args));
+    let granted: Vec<Value> = rendering
+        .iter()
+        .filter(|o| {
+            let kind = o["kind"].as_str().unwrap_or_default();
+            kind == "ServiceAccount"
+                || kind == "MutatingWebhookConfiguration"
+                || o["apiVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("rbac.")
+        })
+        .cloned()
+        .collect();
+    apply(plane, &manifest(&granted));
+
+    let admin_port = free_port();
+    let webhook_port = free_port();
+    let deployment = only(&rendering, "Deployment");
+    let operator_args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]
+        ["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let arg = a.as_str().unwrap();
+            // Loopback ports of the test's own instead of the pod's.
+            if arg.starts_with("--admin-listen=") {
+                format!("--admin-listen=127.0.0.1:{admin_port}")
+            } else if arg.starts_with("--webhook-listen=") {
+                format!("--webhook-listen=127.0.0.1:{webhook_port}")
+            } else {
+                arg.to_string()
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        kubeconfig_as_service_account(&plane.kubeconfig, release_namespace),
+    )
+    .unwrap();
+    let operator = common::OperatorProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_llmesh-operator"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", release_namespace)
+            .env("POD_NAME", "llmesh-operator-chart-test")
+            .args(&operator_args),
+    );
+
+    let endpoints: Api<LlmEndpoint> = Api::namespaced(client.clone(), endpoint_namespace);
+    let endpoint = serde_json::from_value(json!({
+        "apiVersion": "llmesh.io/v1alpha1",
+        "kind": "LlmEndpoint",
+        "metadata": {"name": "chat"},
+        "spec": {"provider": "openai", "model": "gpt-4o-mini",
+                 "secretRef": {"name": "openai", "key": "apiKey"}},
+    }))
+    .unwrap();
+    endpoints
+        .create(&PostParams::default(), &endpoint)
+        .await
+        .unwrap();
+    let wait = std::time::Duration::from_secs(60);
+    assert!(
+        common::eventually(wait, || chat_ready(endpoints.clone(), "False"))
+            .await
+            .is_some(),
+        "the endpoint is reported waiting for its Secret\n{}",
+        operator.logs()
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), endpoint_namespace);
+    let published = common::eventually(wait, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("SecretNotFound"))
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        published.is_some(),
+        "an Event says the Secret is missing\n{}",
+        operator.logs()
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), endpoint_namespace);
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "openai"},
+        "stringData": {"apiKey": "sk-chart-rbac-test-key"},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(wait, || chat_ready(endpoints.clone(), "True"))
+            .await
+            .is_some(),
+        "the endpoint becomes Ready with the copied key\n{}",
+        operator.logs()
+    );
+    assert!(secrets.get_opt("llmesh-chat").await.unwrap().is_some());
+
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let ca_patched = common::eventually(wait, || {
+        let configurations = configurations.clone();
+        async move {
+            let configuration = configurations.get("llmesh-sidecar-injector").await.ok()?;
+            configuration.webhooks?[0]
+                .client_config
+                .ca_bundle
+                .as_ref()
+                .filter(|ca| !ca.0.is_empty())
+                .map(|_| ())
+        }
+    })
+    .await;
+    assert!(
+        ca_patched.is_some(),
+        "caBundle is patched\n{}",
+        operator.logs()
+    );
+    let serving = common::eventually(wait, || async {
+        let (status, _) = admin_get(admin_port, "/readyz").await?;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert!(
+        serving.is_some(),
+        "/readyz: the webhook serves\n{}",
+        operator.logs()
+    );
+    let (_, metrics) = admin_get(admin_port, "/metrics").await.unwrap();
+    assert!(metrics.contains("llmesh_operator_leader 1"), "{metrics}");
+
+    let logs = operator.logs();
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "a request was refused by the chart's RBAC:\n{logs}"
+    );
+}
+
+/// Both variants in one test, one after the other: they share the cluster-wide names (the
+/// ClusterRole, the webhook configuration).
+#[tokio::test]
+async fn the_operator_runs_with_only_the_charts_rbac() {
+    let plane = prepared_plane().await;
+    let everywhere = plane.namespace("chart-rbac").await.unwrap();
+    operator_runs_with_the_charts_rbac(plane, RELEASE_NAMESPACE, case_args("default"), &everywhere)
+        .await;
+
+    // Another release namespace, so that the first operator's Lease does not hold this one up.
+    let watched = plane.namespace("chart-scoped").await.unwrap();
+    operator_runs_with_the_charts_rbac(
+        plane,
+        "llmesh-scoped",
+        &["--set", &format!("operator.watchNamespace={watched}")],
+        &watched,
+    )
+    .await;
 }

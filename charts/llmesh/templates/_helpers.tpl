@@ -45,13 +45,14 @@ app.kubernetes.io/component: operator
 - apiGroups: [llmesh.io]
   resources: [llmendpoints/status]
   verbs: [patch]
+# Server-side apply of an object that does not exist yet is authorized as create.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, create, patch]
 # Read the referenced keys, notice rotations, write or remove the llmesh-<name> copies.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Metadata of pods that asked for the sidecar and have none.
 - apiGroups: [""]
   resources: [pods]
