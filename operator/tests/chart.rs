@@ -636,3 +636,26 @@ async fn the_operator_runs_with_only_the_charts_rbac() {
     )
     .await;
 }
+
+/// `helm install --dry-run=server` against the test API server renders the whole release, and
+/// its notes give the next three commands.
+#[tokio::test]
+async fn helm_install_prints_the_next_commands() {
+    let plane = prepared_plane().await;
+    let output = run(Command::new(tool("helm"))
+        .args(["install", "llmesh"])
+        .arg(chart_dir())
+        .args(["--namespace", RELEASE_NAMESPACE, "--dry-run=server"])
+        .arg("--kubeconfig")
+        .arg(&plane.kubeconfig));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let notes = &text[text.find("NOTES:").expect("helm prints the notes")..];
+    for command in [
+        "kubectl label namespace shop llmesh.io/inject=enabled llmesh.io/environment=prod",
+        "kubectl -n shop create secret generic openai --from-literal=apiKey=",
+        "kind: LlmEndpoint",
+        r#"kubectl -n shop patch deployment my-app -p '{"spec":{"template":{"metadata":{"annotations":{"llmesh.io/endpoints":"chat"}}}}}'"#,
+    ] {
+        assert!(notes.contains(command), "{command:?} not in\n{notes}");
+    }
+}
