@@ -659,3 +659,76 @@ async fn helm_install_prints_the_next_commands() {
         assert!(notes.contains(command), "{command:?} not in\n{notes}");
     }
 }
+
+/// A real `helm install`, `upgrade` and `uninstall` on a control plane of its own (the other
+/// tests apply the same cluster-wide names without Helm): an upgrade that changes the webhook
+/// configuration keeps the caBundle the operator filled in, and uninstalling removes the
+/// configuration but keeps the CRD.
+#[tokio::test]
+async fn helm_upgrade_keeps_the_ca_bundle_and_uninstall_removes_the_webhook() {
+    let plane = ControlPlane::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    ensure_namespace(&client, WATCHED_NAMESPACE).await;
+    let helm = |args: &[&str]| {
+        run(Command::new(tool("helm"))
+            .args(args)
+            .args(["--namespace", RELEASE_NAMESPACE])
+            .arg("--kubeconfig")
+            .arg(&plane.kubeconfig));
+    };
+    let chart = chart_dir().to_string_lossy().into_owned();
+    helm(&["install", "llmesh", &chart, "--create-namespace"]);
+
+    // What the operator does with --webhook-managed-tls.
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut configuration = configurations.get("llmesh-sidecar-injector").await.unwrap();
+    let ca = k8s_openapi::ByteString(plane.ca_pem().into_bytes());
+    configuration.webhooks.as_mut().unwrap()[0]
+        .client_config
+        .ca_bundle = Some(ca.clone());
+    configurations
+        .replace(
+            "llmesh-sidecar-injector",
+            &PostParams::default(),
+            &configuration,
+        )
+        .await
+        .unwrap();
+
+    helm(&[
+        "upgrade",
+        "llmesh",
+        &chart,
+        "--set",
+        "operator.watchNamespace=shop",
+    ]);
+    let upgraded = configurations.get("llmesh-sidecar-injector").await.unwrap();
+    let webhook = &upgraded.webhooks.as_ref().unwrap()[0];
+    assert_eq!(
+        webhook
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions
+            .as_ref()
+            .unwrap()
+            .len(),
+        3,
+        "the upgrade changed the configuration"
+    );
+    assert_eq!(webhook.client_config.ca_bundle.as_ref(), Some(&ca));
+
+    helm(&["uninstall", "llmesh", "--wait"]);
+    assert!(configurations
+        .get_opt("llmesh-sidecar-injector")
+        .await
+        .unwrap()
+        .is_none());
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client);
+    assert!(crds
+        .get_opt("llmendpoints.llmesh.io")
+        .await
+        .unwrap()
+        .is_some());
+}
