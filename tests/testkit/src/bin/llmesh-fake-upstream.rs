@@ -1,4 +1,5 @@
-//! The fake upstream as a process, for benchmarks and the Python SDK tests.
+//! The fake upstream as a process, for benchmarks, the Python SDK tests and its image
+//! (`llmesh.local/fake-upstream`). Stops on SIGINT or SIGTERM (what a container's PID 1 gets).
 
 use std::net::SocketAddr;
 
@@ -30,7 +31,12 @@ fn main() -> anyhow::Result<()> {
         };
         let upstream = FakeUpstream::start_on(cli.listen, options).await?;
         println!("listening on {}", upstream.addr());
-        tokio::signal::ctrl_c().await?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result?,
+            _ = terminate.recv() => {}
+        }
         Ok(())
     })
 }
