@@ -1,7 +1,8 @@
-//! The Helm chart `charts/llmesh`, rendered with no node: `helm lint --strict`, its CRD is the
-//! committed one, `helm template` matches golden files in `operator/tests/golden/chart/`
-//! (`LLMESH_UPDATE_GOLDEN=1` rewrites them), and the test API server accepts every rendering
-//! with a server-side dry run.
+//! The Helm chart `charts/llmesh`, with no node: `helm lint --strict`; its CRD is the committed
+//! one; `helm template` matches golden files in `operator/tests/golden/chart/`
+//! (`LLMESH_UPDATE_GOLDEN=1` rewrites them); the test API server accepts every rendering with a
+//! server-side dry run; the real operator runs with exactly the chart's RBAC; and a real
+//! `helm install`, `upgrade` and `uninstall` leave the webhook configuration as they should.
 
 mod common;
 
@@ -10,16 +11,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::{install_crd, CRD_FILE};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ServiceReference, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
 use llmesh_operator::crd::LlmEndpoint;
+use llmesh_operator::webhook::config::mutating_webhook_configuration;
 use llmesh_testenv::{tool, ControlPlane};
 use serde::Deserialize as _;
 use serde_json::{json, Value};
 
-/// The namespace the README installs into, and the one the namespaced variant watches.
+/// The namespace the README installs into.
 const RELEASE_NAMESPACE: &str = "llmesh-system";
+/// The namespace the "namespaced" case watches (its Role goes there).
 const WATCHED_NAMESPACE: &str = "shop";
 const MONITORING_API: &str = "monitoring.coreos.com/v1";
 
@@ -199,35 +204,40 @@ fn monitoring_objects_need_the_prometheus_operator_api() {
     assert!(off_kinds.contains(&"ServiceMonitor".to_string()));
 }
 
-/// The never-injected namespaces follow the release namespace, whatever it is.
+/// The chart's webhook is the operator's own `mutating_webhook_configuration` (the one the
+/// webhook tests register), with the never-injected namespaces following the release namespace.
 #[test]
-fn the_webhook_never_matches_the_release_namespace() {
+fn the_webhook_is_the_operators_and_never_matches_the_release_namespace() {
     for namespace in [RELEASE_NAMESPACE, "platform-llm"] {
         let rendered = objects(&render(namespace, &[]));
         let configuration = only(&rendered, "MutatingWebhookConfiguration");
-        let webhook = &configuration["webhooks"][0];
-        let expressions = webhook["namespaceSelector"]["matchExpressions"]
-            .as_array()
-            .unwrap();
-        assert!(expressions.contains(&json!({
-            "key": "llmesh.io/inject", "operator": "In", "values": ["enabled"]
-        })));
+        let operators = mutating_webhook_configuration(
+            "llmesh-sidecar-injector",
+            WebhookClientConfig {
+                service: Some(ServiceReference {
+                    name: "llmesh-operator-webhook".into(),
+                    namespace: namespace.into(),
+                    path: Some("/mutate".into()),
+                    port: Some(443),
+                }),
+                ..WebhookClientConfig::default()
+            },
+            None,
+            namespace,
+        );
+        assert_eq!(
+            configuration["webhooks"],
+            serde_json::to_value(&operators).unwrap()["webhooks"],
+            "{namespace}"
+        );
+        let expressions = &configuration["webhooks"][0]["namespaceSelector"]["matchExpressions"];
         assert!(
-            expressions.contains(&json!({
+            expressions.as_array().unwrap().contains(&json!({
                 "key": "kubernetes.io/metadata.name",
                 "operator": "NotIn",
                 "values": ["kube-system", "kube-public", "kube-node-lease", namespace],
             })),
-            "{namespace}: {expressions:?}"
-        );
-        assert_eq!(
-            webhook["clientConfig"]["service"],
-            json!({"name": "llmesh-operator-webhook", "namespace": namespace, "path": "/mutate", "port": 443})
-        );
-        assert_eq!(webhook["failurePolicy"], "Ignore");
-        assert!(
-            webhook["clientConfig"].get("caBundle").is_none(),
-            "caBundle is the operator's (or cainjector's) to fill"
+            "{namespace}: {expressions}"
         );
     }
 }
