@@ -64,7 +64,10 @@ pub enum RenderError {
 }
 
 /// The base settings with the environment's overrides merged over them, field by field
-/// (objects merge recursively; lists and values are replaced).
+/// (objects merge recursively; lists and values are replaced). An environment that switches
+/// to another provider does not inherit the base's provider-specific fields (`baseUrl`,
+/// `azure`, `credentialHeader`, `mock`): `dev: {provider: mock}` over a self-hosted base with a
+/// `baseUrl` must just work, and another provider's URL or header would be wrong anyway.
 pub fn merged_settings(
     spec: &LlmEndpointSpec,
     environment: &str,
@@ -76,7 +79,14 @@ pub fn merged_settings(
     let Some(overrides) = spec.environments.get(environment) else {
         return Ok(spec.base.clone());
     };
-    let mut merged = serde_json::to_value(&spec.base).map_err(merge_error)?;
+    let mut base = spec.base.clone();
+    if overrides.provider.is_some() && overrides.provider != base.provider {
+        base.base_url = None;
+        base.azure = None;
+        base.credential_header = None;
+        base.mock = None;
+    }
+    let mut merged = serde_json::to_value(&base).map_err(merge_error)?;
     deep_merge(
         &mut merged,
         serde_json::to_value(overrides).map_err(merge_error)?,
@@ -418,6 +428,31 @@ limits:
             render("chat", &written, "prod").unwrap_err().to_string(),
             "environment prod: limits.redis.passwordFile: is set by the operator; give the password as redisPasswordSecretRef"
         );
+    }
+
+    #[test]
+    fn an_environment_that_switches_provider_drops_the_base_provider_fields() {
+        let spec = spec(
+            "
+provider: openai-compatible
+baseUrl: http://vllm.inference:8000/v1
+credentialHeader: x-api-key
+model: llama
+secretRef: {name: vllm, key: token}
+environments:
+  dev: {provider: mock}
+  prod: {model: llama-70b}
+",
+        );
+        let dev = merged_settings(&spec, "dev").unwrap();
+        assert_eq!(dev.base_url, None);
+        assert_eq!(dev.credential_header, None);
+        assert_eq!(dev.model.as_deref(), Some("llama"));
+        assert!(render("chat", &spec, "dev").is_ok());
+        // The same provider keeps everything.
+        let prod = merged_settings(&spec, "prod").unwrap();
+        assert_eq!(prod.base_url.as_deref(), Some("http://vllm.inference:8000/v1"));
+        assert_eq!(prod.credential_header.as_deref(), Some("x-api-key"));
     }
 
     #[test]
