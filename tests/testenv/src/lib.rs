@@ -65,10 +65,12 @@ impl Teardown {
         if self.done.swap(true, Ordering::SeqCst) {
             return;
         }
+        // The control plane first: the node's teardown releases the machine's node lock, and
+        // the next node's API server binds the same address (10.96.0.1:443).
+        stop_processes(&self.pids);
         if let Some(node) = &self.node {
             node.run();
         }
-        stop_processes(&self.pids);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
