@@ -21,6 +21,9 @@ use sha2::Digest as _;
 
 const RELEASE_NAMESPACE: &str = "llmesh-system";
 const BUSYBOX_IMAGE: &str = concat!("llmesh.local/busybox:", env!("CARGO_PKG_VERSION"));
+/// The official OpenAI Python SDK and tests/images/openai-app.py: configured only by the
+/// environment the injection sets.
+const OPENAI_APP_IMAGE: &str = concat!("llmesh.local/openai-app:", env!("CARGO_PKG_VERSION"));
 const PROD_KEY: &str = "sk-prod-first-0123456789abcdef";
 const ROTATED_KEY: &str = "sk-prod-second-0123456789abcdef";
 const DEV_KEY: &str = "sk-dev-0123456789abcdef";
@@ -78,15 +81,9 @@ where
     }
 }
 
-/// The app: a client with no llmesh in it. It calls the OpenAI API at `OPENAI_BASE_URL` (which
-/// the injection sets) every second and prints each answer.
+/// The app: the official OpenAI SDK with no llmesh in it and no setting of its own. Every
+/// second it makes a plain and a streamed call for the model `chat` and logs each answer.
 fn app_deployment() -> String {
-    let request = r#"{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}"#;
-    let script = format!(
-        "while true; do wget -q -O- --header 'content-type: application/json' \
-         --header \"authorization: Bearer $OPENAI_API_KEY\" \
-         --post-data '{request}' $OPENAI_BASE_URL/chat/completions 2>&1; echo; sleep 1; done"
-    );
     serde_json::to_string(&json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -99,14 +96,32 @@ fn app_deployment() -> String {
                 "spec": {
                     "terminationGracePeriodSeconds": 2,
                     "containers": [{
-                        "name": "app", "image": BUSYBOX_IMAGE, "imagePullPolicy": "IfNotPresent",
-                        "command": ["/bin/sh", "-c", script],
+                        "name": "app", "image": OPENAI_APP_IMAGE, "imagePullPolicy": "IfNotPresent",
+                        "args": ["chat"],
                     }],
                 },
             },
         },
     }))
     .unwrap()
+}
+
+/// The app's answers so far, plain and streamed: its JSON log lines that say `ok`.
+fn answers(logs: &str) -> (usize, usize) {
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["ok"] == true)
+        .collect();
+    let plain = lines
+        .iter()
+        .filter(|v| v["stream"] == false && v["object"] == "chat.completion")
+        .count();
+    let streamed = lines
+        .iter()
+        .filter(|v| v["stream"] == true && v["chunks"].as_u64().unwrap_or(0) > 1)
+        .count();
+    (plain, streamed)
 }
 
 /// One LlmEndpoint for every environment: the recording upstream with the namespace's key,
@@ -157,6 +172,25 @@ async fn app_logs(pods_api: &Api<Pod>, pod: &Pod) -> String {
         .logs(pod.metadata.name.as_deref().unwrap(), &params)
         .await
         .unwrap_or_default()
+}
+
+/// Waits until the app has three plain and three streamed answers; fails with its last words.
+async fn wait_for_answers(pods_api: &Api<Pod>, pod: &Pod) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let logs = app_logs(pods_api, pod).await;
+        let (plain, streamed) = answers(&logs);
+        if plain >= 3 && streamed >= 3 {
+            return;
+        }
+        let last: Vec<&str> = logs.lines().rev().take(6).collect();
+        assert!(
+            Instant::now() < deadline,
+            "the app of {} got {plain} plain and {streamed} streamed answers; it said last: {last:#?}",
+            pod.metadata.namespace.as_deref().unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn injected_sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
@@ -292,11 +326,7 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
     let dev_pod = running_app_pod(&dev_pods).await;
     let sidecar = injected_sidecar(&dev_pod).expect("the dev pod got the sidecar");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
-    eventually(STEP, "the dev app got no answer", || async {
-        let logs = app_logs(&dev_pods, &dev_pod).await;
-        (logs.matches("chat.completion").count() >= 3).then_some(())
-    })
-    .await;
+    wait_for_answers(&dev_pods, &dev_pod).await;
     assert!(upstream.requests().is_empty(), "dev reached the upstream");
     eprintln!("dev app answered by the mock: {:?}", started.elapsed());
 
@@ -310,11 +340,7 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
     .await;
     let prod_pod = running_app_pod(&prod_pods).await;
     assert!(injected_sidecar(&prod_pod).is_some());
-    eventually(STEP, "the prod app got no answer", || async {
-        let logs = app_logs(&prod_pods, &prod_pod).await;
-        (logs.matches("chat.completion").count() >= 3).then_some(())
-    })
-    .await;
+    wait_for_answers(&prod_pods, &prod_pod).await;
     let seen = upstream.requests();
     assert!(!seen.is_empty());
     for request in &seen {
@@ -379,11 +405,8 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
         "spec": {"backoffLimit": 0, "template": {
             "metadata": {"annotations": {"llmesh.io/endpoints": "chat"}},
             "spec": {"restartPolicy": "Never", "containers": [{
-                "name": "app", "image": BUSYBOX_IMAGE, "imagePullPolicy": "IfNotPresent",
-                "command": ["/bin/sh", "-c",
-                    "wget -q -O- --header 'content-type: application/json' \
-                     --post-data '{\"model\": \"chat\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}' \
-                     $OPENAI_BASE_URL/chat/completions"],
+                "name": "app", "image": OPENAI_APP_IMAGE, "imagePullPolicy": "IfNotPresent",
+                "args": ["chat", "1"],
             }]},
         }},
     });

@@ -27,7 +27,8 @@ pub mod directives {
     pub const STATUS: &str = "x-fake-status";
     /// Wait this many milliseconds before sending the response headers.
     pub const DELAY_MS: &str = "x-fake-delay-ms";
-    /// Answer with a Server-Sent Events stream of this many chunks, then `[DONE]`.
+    /// Answer with a Server-Sent Events stream of this many chunks, then `[DONE]`. A request
+    /// with `"stream": true` and no such header gets a stream of 5 chunks, as from a provider.
     pub const STREAM_CHUNKS: &str = "x-fake-stream-chunks";
     /// Milliseconds between stream chunks.
     pub const CHUNK_INTERVAL_MS: &str = "x-fake-chunk-interval-ms";
@@ -81,6 +82,9 @@ pub const ECHO_AUTHORIZATION: &str = "x-echo-authorization";
 
 /// Chunks of an `ECHO_KEY_IN: stream` response when the request does not set `STREAM_CHUNKS`.
 const LEAK_STREAM_CHUNKS: u64 = 3;
+/// Chunks of the stream that a request with `"stream": true` gets, like from a real provider,
+/// when it sets no `STREAM_CHUNKS` (an unchanged SDK app cannot).
+const DEFAULT_STREAM_CHUNKS: u64 = 5;
 /// The pause between the two halves of the leaking event: long enough that they leave as
 /// separate TCP segments and reach the proxy in separate reads.
 const SPLIT_PAUSE: Duration = Duration::from_millis(5);
@@ -373,6 +377,11 @@ async fn handle(
         .as_ref()
         .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
         .unwrap_or_else(|| "unknown".to_string());
+    let streamed = json
+        .as_ref()
+        .and_then(|v| v.get("stream"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     // Like OpenAI: a stream carries usage only when the request asks for it.
     let include_usage = !headers.contains_key(directives::NO_USAGE)
         && json
@@ -419,7 +428,10 @@ async fn handle(
         &headers,
         &model,
         faulty,
-        include_usage,
+        StreamAsk {
+            streamed,
+            include_usage,
+        },
         &echo,
     )
     .await?;
@@ -444,13 +456,22 @@ async fn handle(
     }
 }
 
+/// What the request body asks of the answer's form.
+#[derive(Clone, Copy)]
+struct StreamAsk {
+    /// `"stream": true`
+    streamed: bool,
+    /// `stream_options.include_usage`
+    include_usage: bool,
+}
+
 async fn respond(
     shared: &Arc<Shared>,
     options: Options,
     headers: &HeaderMap,
     model: &str,
     faulty: bool,
-    include_usage: bool,
+    ask: StreamAsk,
     echo: &Echo,
 ) -> Result<Response<FakeBody>, DroppedOnPurpose> {
     if headers.contains_key(directives::UUID_REQUEST_ID) {
@@ -513,8 +534,13 @@ async fn respond(
         return Ok(json_response(status, &body));
     }
     let chunks = directive(&headers, directives::STREAM_CHUNKS);
-    if chunks.is_some() || echo.stream {
-        let chunks = chunks.unwrap_or(LEAK_STREAM_CHUNKS);
+    if chunks.is_some() || echo.stream || ask.streamed {
+        let default = if echo.stream {
+            LEAK_STREAM_CHUNKS
+        } else {
+            DEFAULT_STREAM_CHUNKS
+        };
+        let chunks = chunks.unwrap_or(default);
         let plan = StreamPlan {
             chunks: if echo.stream { chunks.max(1) } else { chunks },
             interval: Duration::from_millis(
@@ -522,7 +548,7 @@ async fn respond(
             ),
             fail_after: directive(&headers, directives::FAIL_AFTER_CHUNKS),
             stall_after: directive(&headers, directives::STALL_AFTER_CHUNKS),
-            include_usage,
+            include_usage: ask.include_usage,
             leak: echo.stream.then(|| echo.raw_key_text()),
             hold: Duration::from_millis(
                 directive(&headers, directives::FINISH_THEN_HOLD_MS).unwrap_or(0),
