@@ -17,6 +17,7 @@
 //! ([`ControlPlane::namespace`]); several test binaries may run at once, each with its own
 //! control plane (their nodes take turns).
 
+pub mod monitoring;
 mod node;
 mod pki;
 pub mod pods;
