@@ -451,7 +451,10 @@ environments:
         assert!(render("chat", &spec, "dev").is_ok());
         // The same provider keeps everything.
         let prod = merged_settings(&spec, "prod").unwrap();
-        assert_eq!(prod.base_url.as_deref(), Some("http://vllm.inference:8000/v1"));
+        assert_eq!(
+            prod.base_url.as_deref(),
+            Some("http://vllm.inference:8000/v1")
+        );
         assert_eq!(prod.credential_header.as_deref(), Some("x-api-key"));
     }
 
