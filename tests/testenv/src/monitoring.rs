@@ -1,6 +1,6 @@
-//! The monitoring stack on the node: the real Prometheus Operator (built by `scripts/testenv`
-//! from its Go module) and a Prometheus it manages (Debian's), both from the images that
-//! `scripts/images --monitoring` builds. Tests create PodMonitors and ServiceMonitors as users
+//! The monitoring stack on the node: the real Prometheus Operator and a Prometheus it manages
+//! (both built by `scripts/testenv` from their Go modules: Debian's Prometheus has no Kubernetes
+//! service discovery), from the images that `scripts/images --monitoring` builds. Tests create PodMonitors and ServiceMonitors as users
 //! do, and ask Prometheus with PromQL from the host, at its pod's address.
 //!
 //! Everything lives in the namespace [`NAMESPACE`] or, when cluster-scoped (the CRDs, the
