@@ -215,6 +215,16 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
     let client = plane.client().await.unwrap();
     let started = Instant::now();
 
+    // The Prometheus Operator and a Prometheus first, so the chart finds monitoring.coreos.com
+    // and installs its PodMonitor, ServiceMonitor, rules and dashboard.
+    let prometheus = llmesh_testenv::monitoring::install_prometheus(&plane)
+        .await
+        .unwrap();
+    eprintln!(
+        "Prometheus Operator and Prometheus up: {:?}",
+        started.elapsed()
+    );
+
     // helm install, with no values: the images scripts/images built carry the chart's names.
     run(
         &plane,
@@ -354,6 +364,43 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
     let logs = app_logs(&prod_pods, &prod_pod).await + &app_logs(&dev_pods, &dev_pod).await;
     assert!(!logs.contains("sk-"), "a key reached an app:\n{logs}");
     eprintln!("prod app answered by the upstream: {:?}", started.elapsed());
+
+    // The Prometheus Operator found the sidecars through the chart's PodMonitor: the app's
+    // requests and tokens, by namespace and LlmEndpoint as the alerts and dashboard group them.
+    let positive = |result: &serde_json::Value| {
+        llmesh_testenv::monitoring::sample_values(result)
+            .iter()
+            .any(|v| *v > 0.0)
+    };
+    let requests = prometheus
+        .wait_for(
+            r#"sum by (namespace, endpoint) (llmesh_requests_total{namespace="prod", endpoint="chat"})"#,
+            STEP,
+            positive,
+        )
+        .await
+        .unwrap();
+    prometheus
+        .wait_for(
+            r#"sum(gen_ai_client_token_usage_sum{namespace="prod"})"#,
+            STEP,
+            positive,
+        )
+        .await
+        .unwrap();
+    // And the operator's replicas through the chart's ServiceMonitor.
+    prometheus
+        .wait_for(
+            r#"sum(up{namespace="llmesh-system", service="llmesh-operator-metrics"})"#,
+            STEP,
+            positive,
+        )
+        .await
+        .unwrap();
+    eprintln!(
+        "Prometheus has the app's requests ({requests}): {:?}",
+        started.elapsed()
+    );
 
     // Key rotation in the source Secret reaches the running prod pod with no restart.
     let rotation = Instant::now();
