@@ -11,60 +11,10 @@ use llmesh_testenv::monitoring::{install_prometheus, sample_values, SCRAPE_INTER
 use llmesh_testenv::{pods, ControlPlane};
 use serde_json::json;
 
-const SIDECAR_IMAGE: &str = concat!("ghcr.io/llmesh/sidecar:", env!("CARGO_PKG_VERSION"));
-const BUSYBOX_IMAGE: &str = concat!("llmesh.local/busybox:", env!("CARGO_PKG_VERSION"));
 /// First start of a pod on a busy 2-core machine.
 const START: Duration = Duration::from_secs(90);
 /// Discovery, the reloader's configuration update and a few scrapes.
 const SCRAPED: Duration = Duration::from_secs(120);
-
-fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
-    serde_json::from_value(value).unwrap()
-}
-
-/// A pod as the injection webhook makes it, on the mock provider: the sidecar as a native
-/// sidecar with its admin port named `llmesh-admin`, and an app that asks it every second.
-fn sidecar_pod(name: &str, endpoint: &str) -> Pod {
-    let request = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]});
-    let app = format!(
-        "while true; do wget -q -O- --header 'content-type: application/json' \
-         --post-data '{request}' http://127.0.0.1:4000/v1/chat/completions 2>&1; echo; sleep 1; done"
-    );
-    let probe = json!({"httpGet": {"path": "/readyz", "port": "llmesh-admin"}, "periodSeconds": 1, "failureThreshold": 120});
-    object(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "terminationGracePeriodSeconds": 2,
-            "initContainers": [{
-                "name": "llmesh-sidecar",
-                "image": SIDECAR_IMAGE,
-                "imagePullPolicy": "Never",
-                "restartPolicy": "Always",
-                "args": ["--config-dir", "/etc/llmesh/endpoints", "--expect-endpoints", endpoint,
-                         "--listen", "127.0.0.1:4000", "--admin-listen", "0.0.0.0:4001"],
-                "ports": [{"name": "llmesh-admin", "containerPort": 4001}],
-                "startupProbe": probe,
-                "readinessProbe": probe,
-                "securityContext": {
-                    "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                    "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
-                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "volumeMounts": [
-                    {"name": "llmesh-config", "mountPath": "/etc/llmesh/endpoints", "readOnly": true},
-                ],
-            }],
-            "containers": [{
-                "name": "app", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", app],
-            }],
-            "volumes": [{"name": "llmesh-config", "projected": {"sources": [
-                {"configMap": {"name": format!("llmesh-{endpoint}"),
-                               "items": [{"key": "endpoint.yaml", "path": format!("{endpoint}.yaml")}]}},
-            ]}}],
-        },
-    }))
-}
 
 /// The chart's PodMonitor (charts/llmesh/templates/monitoring.yaml, default values): every
 /// pod of every namespace, scraped only where a port is named `llmesh-admin`.
@@ -100,16 +50,19 @@ async fn the_prometheus_operator_scrapes_the_sidecar_through_the_charts_pod_moni
     config_maps
         .create(
             &PostParams::default(),
-            &object(
-                json!({"metadata": {"name": "llmesh-mock"}, "data": {"endpoint.yaml":
-                "name: mock\nprovider: mock\nmodel: mock-gpt\naliases: [chat]\n"}}),
+            &pods::endpoint_config_map(
+                "mock",
+                "name: mock\nprovider: mock\nmodel: mock-gpt\naliases: [chat]\n",
             ),
         )
         .await
         .unwrap();
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     pods_api
-        .create(&PostParams::default(), &sidecar_pod("app", "mock"))
+        .create(
+            &PostParams::default(),
+            &pods::sidecar_pod("app", &["mock"], "chat"),
+        )
         .await
         .unwrap();
     pods::wait_for(&pods_api, "app", START, "Ready", pods::is_ready)

@@ -9,12 +9,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams, LogParams, PostParams};
+use llmesh_testenv::pods::BUSYBOX_IMAGE;
 use llmesh_testenv::{pods, ControlPlane, NODE_NAME};
 use llmesh_testkit::{FakeUpstream, Options};
 use serde_json::json;
 
-const SIDECAR_IMAGE: &str = concat!("ghcr.io/llmesh/sidecar:", env!("CARGO_PKG_VERSION"));
-const BUSYBOX_IMAGE: &str = concat!("llmesh.local/busybox:", env!("CARGO_PKG_VERSION"));
 /// First start of a pod on a busy 2-core machine.
 const START: Duration = Duration::from_secs(90);
 /// The kubelet's volume update: `syncFrequency: 10s` with the Watch strategy, and margin.
@@ -128,72 +127,6 @@ async fn the_node_is_ready_and_runs_a_deployment_and_a_job() {
     assert_eq!(logs.trim(), "job-done");
 }
 
-/// A pod as the injection webhook makes it: the sidecar image as a native sidecar on
-/// projected volumes of `llmesh-<endpoint>` ConfigMaps and Secrets, and an app container
-/// that asks its sidecar for `model` every second and prints the answer.
-fn sidecar_pod(name: &str, endpoints: &[&str], model: &str) -> Pod {
-    let request = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-    let app = format!(
-        "while true; do wget -q -O- --header 'content-type: application/json' \
-         --post-data '{request}' http://127.0.0.1:4000/v1/chat/completions 2>&1; echo; sleep 1; done"
-    );
-    let config_items: Vec<_> = endpoints
-        .iter()
-        .map(|e| {
-            json!({"configMap": {"name": format!("llmesh-{e}"), "optional": true,
-                         "items": [{"key": "endpoint.yaml", "path": format!("{e}.yaml")}]}})
-        })
-        .collect();
-    let key_items: Vec<_> = endpoints
-        .iter()
-        .map(|e| {
-            json!({"secret": {"name": format!("llmesh-{e}"), "optional": true,
-                         "items": [{"key": "apiKey", "path": format!("{e}/apiKey")}]}})
-        })
-        .collect();
-    let probe = json!({"httpGet": {"path": "/readyz", "port": "llmesh-admin"}, "periodSeconds": 1, "failureThreshold": 120});
-    object(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "terminationGracePeriodSeconds": 2,
-            "initContainers": [{
-                "name": "llmesh-sidecar",
-                "image": SIDECAR_IMAGE,
-                "imagePullPolicy": "Never",
-                "restartPolicy": "Always",
-                "args": ["--config-dir", "/etc/llmesh/endpoints", "--expect-endpoints", endpoints.join(","),
-                         "--listen", "127.0.0.1:4000", "--admin-listen", "0.0.0.0:4001"],
-                "ports": [{"name": "llmesh-admin", "containerPort": 4001}],
-                "startupProbe": probe,
-                "readinessProbe": probe,
-                "securityContext": {
-                    "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                    "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
-                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "volumeMounts": [
-                    {"name": "llmesh-config", "mountPath": "/etc/llmesh/endpoints", "readOnly": true},
-                    {"name": "llmesh-credentials", "mountPath": "/var/run/secrets/llmesh", "readOnly": true},
-                ],
-            }],
-            "containers": [{
-                "name": "app", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", app],
-            }],
-            "volumes": [
-                {"name": "llmesh-config", "projected": {"sources": config_items}},
-                {"name": "llmesh-credentials", "projected": {"sources": key_items}},
-            ],
-        },
-    }))
-}
-
-fn endpoint_config_map(endpoint: &str, yaml: &str) -> ConfigMap {
-    object(
-        json!({"metadata": {"name": format!("llmesh-{endpoint}")}, "data": {"endpoint.yaml": yaml}}),
-    )
-}
-
 async fn app_logs(pods_api: &Api<Pod>, pod: &str) -> String {
     let params = LogParams {
         container: Some("app".into()),
@@ -246,7 +179,7 @@ async fn the_sidecar_image_serves_its_app_and_follows_configmap_and_secret_chang
     config_maps
         .create(
             &PostParams::default(),
-            &endpoint_config_map("chat", &endpoint("model-one")),
+            &pods::endpoint_config_map("chat", &endpoint("model-one")),
         )
         .await
         .unwrap();
@@ -264,7 +197,7 @@ async fn the_sidecar_image_serves_its_app_and_follows_configmap_and_secret_chang
     pods_api
         .create(
             &PostParams::default(),
-            &sidecar_pod("app", &["chat"], "chat"),
+            &pods::sidecar_pod("app", &["chat"], "chat"),
         )
         .await
         .unwrap();
@@ -300,7 +233,7 @@ async fn the_sidecar_image_serves_its_app_and_follows_configmap_and_secret_chang
         .replace(
             "llmesh-chat",
             &PostParams::default(),
-            &endpoint_config_map("chat", &endpoint("model-two")),
+            &pods::endpoint_config_map("chat", &endpoint("model-two")),
         )
         .await
         .unwrap();
@@ -374,7 +307,7 @@ async fn two_pods_each_have_their_own_sidecar_on_127_0_0_1_4000() {
         config_maps
             .create(
                 &PostParams::default(),
-                &endpoint_config_map(endpoint, &yaml),
+                &pods::endpoint_config_map(endpoint, &yaml),
             )
             .await
             .unwrap();
@@ -383,7 +316,10 @@ async fn two_pods_each_have_their_own_sidecar_on_127_0_0_1_4000() {
     // Both ask for the alias `chat`: each sidecar answers with its own endpoint's model.
     for side in ["left", "right"] {
         pods_api
-            .create(&PostParams::default(), &sidecar_pod(side, &[side], "chat"))
+            .create(
+                &PostParams::default(),
+                &pods::sidecar_pod(side, &[side], "chat"),
+            )
             .await
             .unwrap();
     }
@@ -418,12 +354,13 @@ async fn a_job_with_the_sidecar_completes_when_its_app_exits() {
     config_maps
         .create(
             &PostParams::default(),
-            &endpoint_config_map("chat", "name: chat\nprovider: mock\nmodel: mock-job\n"),
+            &pods::endpoint_config_map("chat", "name: chat\nprovider: mock\nmodel: mock-job\n"),
         )
         .await
         .unwrap();
     // The injected pod's spec, with an app that makes one call and exits.
-    let mut spec = serde_json::to_value(sidecar_pod("unused", &["chat"], "chat").spec).unwrap();
+    let mut spec =
+        serde_json::to_value(pods::sidecar_pod("unused", &["chat"], "chat").spec).unwrap();
     spec["restartPolicy"] = json!("Never");
     spec["containers"][0]["command"] = json!(["/bin/sh", "-c",
         "wget -q -O- --header 'content-type: application/json' \
