@@ -34,7 +34,7 @@ use rcgen::KeyPair;
 
 pub use node::footprint::Footprint;
 use node::NodeTeardown;
-pub use node::{Node, NODE_NAME};
+pub use node::{remove_stale_node, Node, NODE_NAME};
 use pki::{issue, kubeconfig_yaml, new_ca, Ca};
 use process::{free_port, launch, process_alive, spawn_supervised, stop_processes};
 
@@ -51,6 +51,17 @@ pub struct ControlPlane {
     dir: PathBuf,
     node: Option<Node>,
     teardown: Arc<Teardown>,
+}
+
+/// A node prepared for a control plane that is not running yet: torn down if dropped.
+struct PreparedNode(Option<NodeTeardown>);
+
+impl Drop for PreparedNode {
+    fn drop(&mut self) {
+        if let Some(node) = self.0.take() {
+            node.run();
+        }
+    }
 }
 
 /// Stops a cluster; runs at most once, from `Drop` or at exit.
@@ -136,12 +147,13 @@ impl ControlPlane {
     }
 
     async fn start_in(bin: &Path, dir: &Path, with_node: bool) -> anyhow::Result<Self> {
-        // The node's bridge comes first: in node mode the API server listens on it.
-        let node_teardown = if with_node {
+        // The node's bridge comes first: in node mode the API server listens on it. Until the
+        // control plane runs, any error here must still take the bridge and the lock down.
+        let mut prepared = PreparedNode(if with_node {
             Some(node::prepare(dir)?)
         } else {
             None
-        };
+        });
         let ca = new_ca()?;
         let write = |name: &str, content: &str| -> anyhow::Result<PathBuf> {
             let path = dir.join(name);
@@ -306,18 +318,10 @@ impl ControlPlane {
                 &dir.join("kube-scheduler.log"),
             )?);
         }
-        let pids = match spawn_supervised(commands) {
-            Ok(pids) => pids,
-            Err(error) => {
-                if let Some(node) = &node_teardown {
-                    node.run();
-                }
-                return Err(error);
-            }
-        };
+        let pids = spawn_supervised(commands)?;
         let teardown = Teardown {
             done: AtomicBool::new(false),
-            node: node_teardown,
+            node: prepared.0.take(),
             pids: pids.clone(),
             dir: dir.to_path_buf(),
         };

@@ -71,7 +71,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 pub(crate) fn ctr(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     let address = socket.to_string_lossy();
-    let mut all = vec!["--address", &address, "--namespace", "k8s.io"];
+    // No ctr call may hang a test run.
+    let mut all = vec![
+        "--address",
+        &address,
+        "--namespace",
+        "k8s.io",
+        "--timeout",
+        "120s",
+    ];
     all.extend_from_slice(args);
     run("ctr", &all)
 }

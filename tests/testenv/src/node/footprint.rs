@@ -86,24 +86,12 @@ impl Footprint {
     /// Removes everything the node left: kills its processes (pods first), unmounts, removes
     /// its cgroups, the bridge, the host files it added, and its directory.
     pub(crate) fn remove(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let pids: Vec<u32> = pod_processes()
+        kill_until_gone(|| {
+            pod_processes()
                 .into_iter()
                 .chain(self.processes())
-                .collect();
-            if pids.is_empty() || Instant::now() > deadline {
-                break;
-            }
-            for pid in pids {
-                // SAFETY: kill(2) on a process of this node's pods, or one started with this
-                // node's directory on its command line.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                .collect()
+        });
         for mount in self.mounts() {
             let Ok(path) = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes()) else {
                 continue;
@@ -113,19 +101,35 @@ impl Footprint {
                 libc::umount2(path.as_ptr(), libc::MNT_DETACH);
             }
         }
-        // A cgroup can stay busy for a moment after its last process is reaped.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while cgroups().next().is_some() && Instant::now() < deadline {
-            for cgroup in cgroups() {
-                let _ = std::fs::remove_dir(cgroup);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        remove_cgroups();
         network::delete();
+        // Deleting through a mount that survived would delete what it shows (a host directory
+        // bind-mounted into a pod): then leave the files, and the check reports them.
+        if let Some(mount) = self.mounts().next() {
+            eprintln!(
+                "llmesh-testenv: {} is still mounted; the node's files are left in place",
+                mount.display()
+            );
+            return;
+        }
         for path in self.added_paths() {
             let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Removes the directory of the cluster the node belonged to (its control plane's files),
+    /// for a node whose process was killed: its control plane died with it.
+    pub(crate) fn remove_cluster_dir(&self) {
+        let Some(cluster_dir) = self.dir.parent() else {
+            return;
+        };
+        let harness_made = cluster_dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("llmesh-testenv-"));
+        if harness_made {
+            let _ = std::fs::remove_dir_all(cluster_dir);
+        }
     }
 
     /// What the node left on the host, one line each; empty once [`Footprint::remove`] ran.
@@ -149,10 +153,12 @@ impl Footprint {
         found
     }
 
-    /// Processes with the node's directory on their command line: containerd, its shims (by
-    /// their socket address), the kubelet.
+    /// The node's own daemons: containerd, its shims (by their socket address) and the kubelet,
+    /// each with a path inside the node's directory among its arguments. Nothing else is
+    /// matched, not even a `tail -f` of one of their logs.
     fn processes(&self) -> Vec<u32> {
-        let needle = self.dir.to_string_lossy().into_owned();
+        const DAEMONS: [&str; 3] = ["containerd", "containerd-shim-runc-v2", "kubelet"];
+        let inside = format!("{}/", self.dir.to_string_lossy());
         let own = std::process::id();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
@@ -161,7 +167,14 @@ impl Footprint {
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| *pid != own && crate::process::process_alive(*pid))
-            .filter(|pid| cmdline(*pid).is_some_and(|c| c.contains(&needle)))
+            .filter(|pid| {
+                let Some(args) = arguments(*pid) else {
+                    return false;
+                };
+                let program = args.first().map(|a| a.rsplit('/').next().unwrap_or(a));
+                program.is_some_and(|p| DAEMONS.contains(&p))
+                    && args.iter().skip(1).any(|a| a.contains(&inside))
+            })
             .collect()
     }
 
@@ -202,12 +215,75 @@ impl Footprint {
                     added.extend(
                         now.difference(before)
                             .filter(|name| !watched_children.contains(name.as_str()))
-                            .map(|name| path.join(name)),
+                            .map(|name| path.join(name))
+                            .filter(|entry| self.may_be_ours(path, entry)),
                     );
                 }
             }
         }
         added.into_iter()
+    }
+}
+
+impl Footprint {
+    /// Whether a new entry of a shared host directory can be the node's: where its owner can be
+    /// told from the entry, only the node's own are (others may add to these directories
+    /// while the node runs).
+    fn may_be_ours(&self, directory: &Path, entry: &Path) -> bool {
+        let name = entry
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        match directory.to_str() {
+            // containerd names the network namespaces of its sandboxes so.
+            Some("/run/netns") => name.starts_with("cni-"),
+            // The CNI library's cache files start with the network's name.
+            Some("/var/lib/cni/results") => name.starts_with(network::NETWORK_NAME),
+            // The kubelet's links to the container logs, which it keeps in the node's directory.
+            Some("/var/log/containers") => {
+                std::fs::read_link(entry).is_ok_and(|target| target.starts_with(&self.dir))
+            }
+            _ => true,
+        }
+    }
+}
+
+/// What carries the harness's fixed names (the pods' processes under its cgroup root, the
+/// cgroups, the bridge) is a node's, whoever left it: removed before a node starts, even when a
+/// killed run left no footprint to go by.
+pub(crate) fn remove_fixed_names() {
+    kill_until_gone(pod_processes);
+    remove_cgroups();
+    network::delete();
+}
+
+/// SIGKILLs what `find` lists until it lists nothing (or 10 s have passed).
+fn kill_until_gone(find: impl Fn() -> Vec<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = find();
+        if pids.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: kill(2) on a process of the node's pods or one of its own daemons.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes the cgroups under the pods' root, deepest first; a cgroup can stay busy for a
+/// moment after its last process is reaped.
+fn remove_cgroups() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cgroups().next().is_some() && Instant::now() < deadline {
+        for cgroup in cgroups() {
+            let _ = std::fs::remove_dir(cgroup);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -220,9 +296,18 @@ fn entries(path: &Path) -> Option<BTreeSet<String>> {
     )
 }
 
-fn cmdline(pid: u32) -> Option<String> {
+fn arguments(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(String::from_utf8_lossy(&raw).replace('\0', " "))
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+fn cmdline(pid: u32) -> Option<String> {
+    arguments(pid).map(|args| args.join(" "))
 }
 
 /// The mount points of this mount namespace, from /proc/self/mountinfo (field 5, with the

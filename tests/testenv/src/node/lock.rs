@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::footprint::Footprint;
+use super::footprint::{self, Footprint};
 
 const LOCK_FILE: &str = "/run/llmesh-node.lock";
 /// Long enough for another test binary's node to finish; `scripts/cluster` holds it for good.
@@ -21,8 +21,9 @@ pub(crate) struct NodeLock {
 }
 
 impl NodeLock {
-    /// Waits for the lock, removes what a killed node left, and records `footprint`.
-    pub(crate) fn acquire(footprint: &Footprint) -> anyhow::Result<Self> {
+    /// Waits for the lock, removes what a killed node left, then records what is on the host
+    /// before the node in `dir` starts.
+    pub(crate) fn acquire(dir: &Path) -> anyhow::Result<(Self, Footprint)> {
         let path = Path::new(LOCK_FILE);
         let deadline = Instant::now() + WAIT;
         let mut file = loop {
@@ -50,12 +51,15 @@ impl NodeLock {
         file.read_to_string(&mut previous)?;
         if let Some(stale) = Footprint::from_text(&previous) {
             stale.remove();
+            stale.remove_cluster_dir();
         }
+        footprint::remove_fixed_names();
+        let footprint = Footprint::record(dir);
         file.set_len(0)?;
         file.rewind()?;
         file.write_all(footprint.to_text().as_bytes())?;
         file.sync_all()?;
-        Ok(Self { file })
+        Ok((Self { file }, footprint))
     }
 
     /// Called once the node is gone: nothing is left to clean up after this.

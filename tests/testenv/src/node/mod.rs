@@ -78,13 +78,23 @@ pub(crate) struct PlaneAccess<'a> {
     pub(crate) server: &'a str,
 }
 
+/// Removes what a node whose process was killed left on the host (its pods, daemons, mounts,
+/// cgroups, bridge and files), as the next node's start would; waits for a running node.
+pub fn remove_stale_node() -> anyhow::Result<()> {
+    let scratch = tempfile::Builder::new()
+        .prefix("llmesh-node-clean-")
+        .tempdir()?;
+    let (lock, _) = NodeLock::acquire(scratch.path())?;
+    lock.release();
+    Ok(())
+}
+
 /// Takes the machine's node lock and makes the node's place on the host: its pods' cgroup root
 /// and the pod network (which the API server listens on, so it comes before the control plane).
 pub(crate) fn prepare(plane_dir: &Path) -> anyhow::Result<NodeTeardown> {
     let dir = plane_dir.join("node");
     std::fs::create_dir_all(&dir)?;
-    let footprint = Footprint::record(&dir);
-    let lock = NodeLock::acquire(&footprint)?;
+    let (lock, footprint) = NodeLock::acquire(&dir)?;
     let teardown = NodeTeardown {
         kubelet_pid: Mutex::new(None),
         footprint,
@@ -181,7 +191,13 @@ async fn start_processes(
 fn launch_containerd(config: &Path, dir: &Path) -> anyhow::Result<Command> {
     let log = std::fs::File::create(dir.join("containerd.log"))?;
     let mut command = Command::new("containerd");
+    // An image that was not imported must fail, not be pulled from a registry: every pull
+    // goes to a proxy address on loopback where nothing listens.
     command
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
         .arg(format!("--config={}", config.display()))
         .arg("--log-level=warn")
         .stdin(std::process::Stdio::null())

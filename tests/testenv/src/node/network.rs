@@ -9,6 +9,8 @@ use anyhow::{bail, Context as _};
 use super::command::run;
 
 pub(crate) const BRIDGE: &str = "llmesh0";
+/// The CNI network's name (containerd's cache files and netns bookkeeping carry it).
+pub(crate) const NETWORK_NAME: &str = "llmesh-test";
 /// The host's address on the bridge: the node's IP, where pods reach servers a test runs.
 pub(crate) const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 244, 77, 1);
 const PREFIX_LEN: u8 = 24;
@@ -72,7 +74,7 @@ pub(crate) fn delete() {
 pub(crate) fn cni_config(ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "0.4.0",
-        "name": "llmesh-test",
+        "name": NETWORK_NAME,
         "plugins": [{
             "type": "bridge",
             "bridge": BRIDGE,
