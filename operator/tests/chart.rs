@@ -272,11 +272,11 @@ fn kubectl(plane: &ControlPlane) -> Command {
     command
 }
 
-/// `kubectl apply --dry-run=server` of `manifest`: every object is validated (unknown fields
-/// included) and admitted by the API server, and nothing is stored.
-fn dry_run(plane: &ControlPlane, manifest: &str) -> Output {
+/// `kubectl ARGS -f -` with `manifest` on its standard input.
+fn kubectl_with_manifest(plane: &ControlPlane, args: &[&str], manifest: &str) -> Output {
     let mut child = kubectl(plane)
-        .args(["apply", "--dry-run=server", "--validate=strict", "-f", "-"])
+        .args(args)
+        .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -289,6 +289,16 @@ fn dry_run(plane: &ControlPlane, manifest: &str) -> Output {
         .write_all(manifest.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// `kubectl apply --dry-run=server` of `manifest`: every object is validated (unknown fields
+/// included) and admitted by the API server, and nothing is stored.
+fn dry_run(plane: &ControlPlane, manifest: &str) -> Output {
+    kubectl_with_manifest(
+        plane,
+        &["apply", "--dry-run=server", "--validate=strict"],
+        manifest,
+    )
 }
 
 fn assert_accepted(plane: &ControlPlane, manifest: &str) {
@@ -426,28 +436,17 @@ async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// Applies `manifest` for real, with server-side apply.
 fn apply(plane: &ControlPlane, manifest: &str) {
-    let mut child = kubectl(plane)
-        .args([
+    let output = kubectl_with_manifest(
+        plane,
+        &[
             "apply",
             "--server-side",
             "--force-conflicts",
             "--field-manager",
             "llmesh-tests",
-            "-f",
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifest.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+        ],
+        manifest,
+    );
     assert!(
         output.status.success(),
         "{}",
