@@ -415,14 +415,6 @@ fn kubeconfig_as_service_account(kubeconfig: &Path, namespace: &str) -> String {
     serde_yaml_ng::to_string(&config).unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let response = http
@@ -494,8 +486,8 @@ async fn operator_runs_with_the_charts_rbac(
         .collect();
     apply(plane, &manifest(&granted));
 
-    let admin_port = free_port();
-    let webhook_port = free_port();
+    let admin_port = common::free_port();
+    let webhook_port = common::free_port();
     let deployment = only(&rendering, "Deployment");
     let operator_args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]
         ["args"]

@@ -6,6 +6,8 @@
 //! prod pods, a Job with a sidecar completes, `helm upgrade` reaches new pods and
 //! `helm uninstall` leaves new pods alone.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -63,22 +65,6 @@ fn chart() -> String {
         .join("../charts/llmesh")
         .to_string_lossy()
         .into_owned()
-}
-
-/// Polls `check` every 250 ms until it returns `Some`, failing after `timeout` with `what`.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, check: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} (after {timeout:?})");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// The app: the official OpenAI SDK with no llmesh in it and no setting of its own. Every
@@ -151,7 +137,7 @@ fn secret_manifest(key: &str) -> String {
 }
 
 async fn running_app_pod(pods_api: &Api<Pod>) -> Pod {
-    eventually(STEP, "no Ready app pod", || async {
+    common::eventually(STEP, || async {
         let list = pods_api
             .list(&ListParams::default().labels("app=app"))
             .await
@@ -161,6 +147,7 @@ async fn running_app_pod(pods_api: &Api<Pod>) -> Pod {
             .find(|p| pods::is_ready(p) && p.metadata.deletion_timestamp.is_none())
     })
     .await
+    .expect("no Ready app pod")
 }
 
 async fn app_logs(pods_api: &Api<Pod>, pod: &Pod) -> String {
@@ -245,7 +232,7 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
     .await;
     eprintln!("helm install --wait: {:?}", started.elapsed());
     let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
-    let leader = eventually(STEP, "no operator became leader", || async {
+    let leader = common::eventually(STEP, || async {
         leases
             .get_opt("llmesh-operator")
             .await
@@ -254,19 +241,17 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
             .spec?
             .holder_identity
     })
-    .await;
+    .await
+    .expect("no operator became leader");
     assert!(leader.starts_with("llmesh-operator-"), "{leader}");
     let webhooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    eventually(
-        STEP,
-        "the operator never filled the webhook's caBundle",
-        || async {
-            let config = webhooks.get_opt("llmesh-sidecar-injector").await.ok()??;
-            let bundle = config.webhooks?.first()?.client_config.ca_bundle.clone()?;
-            (!bundle.0.is_empty()).then_some(())
-        },
-    )
-    .await;
+    common::eventually(STEP, || async {
+        let config = webhooks.get_opt("llmesh-sidecar-injector").await.ok()??;
+        let bundle = config.webhooks?.first()?.client_config.ca_bundle.clone()?;
+        (!bundle.0.is_empty()).then_some(())
+    })
+    .await
+    .expect("the operator never filled the webhook's caBundle");
 
     // The recording upstream, on the host's address on the pod network.
     let upstream = FakeUpstream::start_on((node.host_address, 0).into(), Options::default())
@@ -372,35 +357,15 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
             .iter()
             .any(|v| *v > 0.0)
     };
-    let requests = prometheus
-        .wait_for(
-            r#"sum by (namespace, endpoint) (llmesh_requests_total{namespace="prod", endpoint="chat"})"#,
-            STEP,
-            positive,
-        )
-        .await
-        .unwrap();
-    prometheus
-        .wait_for(
-            r#"sum(gen_ai_client_token_usage_sum{namespace="prod"})"#,
-            STEP,
-            positive,
-        )
-        .await
-        .unwrap();
-    // And the operator's replicas through the chart's ServiceMonitor.
-    prometheus
-        .wait_for(
-            r#"sum(up{namespace="llmesh-system", service="llmesh-operator-metrics"})"#,
-            STEP,
-            positive,
-        )
-        .await
-        .unwrap();
-    eprintln!(
-        "Prometheus has the app's requests ({requests}): {:?}",
-        started.elapsed()
-    );
+    for query in [
+        r#"sum by (namespace, endpoint) (llmesh_requests_total{namespace="prod", endpoint="chat"})"#,
+        r#"sum(gen_ai_client_token_usage_sum{namespace="prod"})"#,
+        // And the operator's replicas through the chart's ServiceMonitor.
+        r#"sum(up{namespace="llmesh-system", service="llmesh-operator-metrics"})"#,
+    ] {
+        let result = prometheus.wait_for(query, STEP, positive).await.unwrap();
+        eprintln!("Prometheus: {query} = {result}: {:?}", started.elapsed());
+    }
 
     // Key rotation in the source Secret reaches the running prod pod with no restart.
     let rotation = Instant::now();
@@ -411,16 +376,13 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
         Some(&secret_manifest(ROTATED_KEY)),
     )
     .await;
-    eventually(
-        STEP,
-        "the rotated key never reached the upstream",
-        || async {
-            let last = upstream.last_request()?;
-            (last.header("authorization") == Some(format!("Bearer {ROTATED_KEY}").as_str()))
-                .then_some(())
-        },
-    )
-    .await;
+    common::eventually(STEP, || async {
+        let last = upstream.last_request()?;
+        (last.header("authorization") == Some(format!("Bearer {ROTATED_KEY}").as_str()))
+            .then_some(())
+    })
+    .await
+    .expect("the rotated key never reached the upstream");
     let rotated_in = rotation.elapsed();
     eprintln!(
         "key rotation: Secret update to the first request with the new key in {rotated_in:?}"
@@ -465,12 +427,13 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
     )
     .await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), "dev");
-    eventually(STEP, "the Job with a sidecar did not complete", || async {
+    common::eventually(STEP, || async {
         let status = jobs.get("one-call").await.ok()?.status?;
         assert_eq!(status.failed.unwrap_or(0), 0, "the Job failed");
         (status.succeeded.unwrap_or(0) == 1).then_some(())
     })
-    .await;
+    .await
+    .expect("the Job with a sidecar did not complete");
 
     // helm upgrade with a changed value reaches pods created afterwards.
     run(
@@ -503,35 +466,30 @@ async fn install_inject_serve_rotate_upgrade_uninstall() {
         .unwrap()
     };
     // The upgraded operator replicas take over the webhook; until then a pod may still meet an
-    // old one, so each try is a new pod.
-    let upgraded = eventually(
-        STEP,
-        "no pod got the upgraded sidecar resources",
-        || async {
-            let name = format!(
-                "after-upgrade-{}",
-                Instant::now().duration_since(started).as_millis()
-            );
-            let pod = dev_pods
-                .create(&PostParams::default(), &probe_pod(&name))
-                .await
-                .ok()?;
-            let request = injected_sidecar(&pod)?
-                .resources
-                .as_ref()?
-                .requests
-                .as_ref()?
-                .get("memory")?
-                .0
-                .clone();
-            (request == "96Mi").then_some(name)
-        },
-    )
-    .await;
-    eprintln!(
-        "helm upgrade reached new pods ({upgraded}): {:?}",
-        started.elapsed()
-    );
+    // old one, so each try asks again. Dry runs: the webhook answers them as it answers real
+    // creations, and no pod is stored or started for a try.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    common::eventually(STEP, || async {
+        let pod = dev_pods
+            .create(&dry_run, &probe_pod("after-upgrade"))
+            .await
+            .ok()?;
+        let request = injected_sidecar(&pod)?
+            .resources
+            .as_ref()?
+            .requests
+            .as_ref()?
+            .get("memory")?
+            .0
+            .clone();
+        (request == "96Mi").then_some(())
+    })
+    .await
+    .expect("no pod got the upgraded sidecar resources");
+    eprintln!("helm upgrade reached new pods: {:?}", started.elapsed());
 
     // helm uninstall removes the webhook configuration; new pods are left alone.
     run(

@@ -81,14 +81,6 @@ impl Operator {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Registers the operator's webhook configuration, pointed at 127.0.0.1:`port`, limited to
 /// namespaces labelled with `group`.
 async fn register_webhook(
@@ -175,7 +167,7 @@ impl OptedIn {
     /// An operator serving the webhook on a free port, registered for this group, once the
     /// API server calls it; its admin endpoints on `admin_port`.
     async fn serve_webhook(&self, admin_port: u16) -> Operator {
-        let port = free_port();
+        let port = common::free_port();
         let operator = Operator::start(self.plane, &self.operator_ns, Some(port), admin_port);
         register_webhook(
             self.plane,
@@ -354,7 +346,7 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
     create_endpoint(client, &unlabelled, "chat").await;
     create_endpoint(client, operator_ns, "chat").await;
 
-    let _operator = setup.serve_webhook(free_port()).await;
+    let _operator = setup.serve_webhook(common::free_port()).await;
 
     let cases = [
         (
@@ -507,7 +499,7 @@ async fn the_api_server_stores_injected_pods_and_leaves_the_others_alone() {
 #[tokio::test]
 async fn with_the_webhook_down_pods_are_created_and_counted_without_sidecar() {
     let setup = OptedIn::set_up("down", &["chat"]).await;
-    let serving = setup.serve_webhook(free_port()).await;
+    let serving = setup.serve_webhook(common::free_port()).await;
     let OptedIn {
         plane, client, ns, ..
     } = setup;
@@ -516,7 +508,7 @@ async fn with_the_webhook_down_pods_are_created_and_counted_without_sidecar() {
     // own lease: the killed one's would hold for a lease duration).
     drop(serving);
     let standby_ns = plane.namespace("llmesh-standby").await.unwrap();
-    let admin_port = free_port();
+    let admin_port = common::free_port();
     let leader = Operator::start(plane, &standby_ns, None, admin_port);
     let asks = pod(
         "while-down",
@@ -587,9 +579,9 @@ async fn the_operator_issues_renews_and_serves_its_own_certificate() {
         ns,
     } = OptedIn::set_up("managed", &["chat"]).await;
     // No caBundle: the operator puts its own CA there.
-    let port = free_port();
+    let port = common::free_port();
     register_webhook_trusting(&client, group, port, &operator_ns, None).await;
-    let admin_port = free_port();
+    let admin_port = common::free_port();
     let mut operator = Operator::start_with(
         plane,
         &operator_ns,
@@ -759,7 +751,7 @@ async fn thousand_pods_through_the_webhook() {
     use futures::StreamExt as _;
     const PODS: usize = 1000;
     let setup = OptedIn::set_up("bench", &["chat", "embed"]).await;
-    let admin_port = free_port();
+    let admin_port = common::free_port();
     let operator = setup.serve_webhook(admin_port).await;
     let OptedIn { client, ns, .. } = setup;
 
@@ -814,7 +806,7 @@ async fn every_replica_serves_the_one_managed_certificate_and_its_renewal() {
         operator_ns,
         ns,
     } = OptedIn::set_up("replicas", &["chat"]).await;
-    let ports = [free_port(), free_port()];
+    let ports = [common::free_port(), common::free_port()];
     register_webhook_trusting(&client, group, ports[0], &operator_ns, None).await;
     // Two replicas start together: both find no Secret, one write wins, both serve it.
     let replicas: Vec<Operator> = ports
@@ -824,7 +816,7 @@ async fn every_replica_serves_the_one_managed_certificate_and_its_renewal() {
                 plane,
                 &operator_ns,
                 None,
-                free_port(),
+                common::free_port(),
                 &[
                     "--webhook-managed-tls".into(),
                     format!("--webhook-listen=127.0.0.1:{port}"),
@@ -905,7 +897,7 @@ fn kubelet_volume(dir: &std::path::Path, files: &[(&str, &str)], generation: u32
 async fn an_injected_sidecar_serves_an_endpoint_created_after_its_pod() {
     let sidecar_bin = sidecar_binary();
     let setup = OptedIn::set_up("late", &["chat"]).await;
-    let _operator = setup.serve_webhook(free_port()).await;
+    let _operator = setup.serve_webhook(common::free_port()).await;
     let OptedIn { client, ns, .. } = setup;
 
     let (stored, warnings) = create(
@@ -963,7 +955,7 @@ async fn an_injected_sidecar_serves_an_endpoint_created_after_its_pod() {
     // The pod starts before the endpoint exists: its volume has no file yet.
     let volume = tempfile::tempdir().unwrap();
     kubelet_volume(volume.path(), &[], 0);
-    let (app_port, admin_port) = (free_port(), free_port());
+    let (app_port, admin_port) = (common::free_port(), common::free_port());
     let mut replaced = args.clone();
     for (name, value) in [
         ("--config-dir", volume.path().to_str().unwrap().to_string()),

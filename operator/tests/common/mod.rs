@@ -20,6 +20,15 @@ pub async fn install_crd(plane: &ControlPlane) {
     plane.install_crd(&crd).await.unwrap();
 }
 
+/// A free loopback port (for a process that binds it a moment later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `check` until it returns `Some` or `timeout` passes.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
 where
