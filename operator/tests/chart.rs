@@ -377,30 +377,9 @@ async fn the_api_server_accepts_the_cert_manager_rendering_but_its_certificates(
 #[tokio::test]
 async fn the_api_server_accepts_the_monitoring_rendering() {
     let plane = prepared_plane().await;
-    let crds = tool("helm")
-        .parent()
-        .map(|bin| bin.join("../prometheus-operator-crds"))
-        .filter(|dir| dir.is_dir())
-        .expect("the Prometheus Operator's CRDs next to the testenv binaries: run scripts/testenv");
-    run(kubectl(plane)
-        .args([
-            "apply",
-            "--server-side",
-            "--field-manager",
-            "llmesh-tests",
-            "-f",
-        ])
-        .arg(&crds));
-    run(kubectl(plane)
-        .args([
-            "wait",
-            "--for",
-            "condition=Established",
-            "--timeout",
-            "60s",
-            "-f",
-        ])
-        .arg(&crds));
+    llmesh_testenv::monitoring::install_operator_crds(plane)
+        .await
+        .unwrap();
     assert_accepted(plane, &render(RELEASE_NAMESPACE, case_args("monitoring")));
 }
 

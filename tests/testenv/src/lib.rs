@@ -47,8 +47,6 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     ca: Ca,
     names: Vec<&'static str>,
-    pids: Vec<u32>,
-    dir: PathBuf,
     node: Option<Node>,
     teardown: Arc<Teardown>,
 }
@@ -288,16 +286,14 @@ impl ControlPlane {
         ];
         let mut names = vec!["etcd", "kube-apiserver", "kube-controller-manager"];
         let mut commands = vec![
-            launch(bin, "etcd", etcd, &dir.join("etcd.log"))?,
+            launch(&bin.join("etcd"), etcd, &dir.join("etcd.log"))?,
             launch(
-                bin,
-                "kube-apiserver",
+                &bin.join("kube-apiserver"),
                 apiserver,
                 &dir.join("kube-apiserver.log"),
             )?,
             launch(
-                bin,
-                "kube-controller-manager",
+                &bin.join("kube-controller-manager"),
                 controller_manager,
                 &dir.join("kube-controller-manager.log"),
             )?,
@@ -312,8 +308,7 @@ impl ControlPlane {
             ];
             names.push("kube-scheduler");
             commands.push(launch(
-                bin,
-                "kube-scheduler",
+                &bin.join("kube-scheduler"),
                 scheduler,
                 &dir.join("kube-scheduler.log"),
             )?);
@@ -322,7 +317,7 @@ impl ControlPlane {
         let teardown = Teardown {
             done: AtomicBool::new(false),
             node: prepared.0.take(),
-            pids: pids.clone(),
+            pids,
             dir: dir.to_path_buf(),
         };
         let mut plane = Self {
@@ -330,8 +325,6 @@ impl ControlPlane {
             kubeconfig,
             ca,
             names,
-            pids,
-            dir: dir.to_path_buf(),
             node: None,
             teardown: Arc::new(teardown),
         };
@@ -352,41 +345,36 @@ impl ControlPlane {
         };
         let access = node::PlaneAccess {
             bin,
-            dir: &self.dir,
+            dir: &self.teardown.dir,
             ca: &self.ca,
             ca_file,
             server: &self.server,
         };
-        let started = node::start(&access, node_teardown, spawn_supervised).await;
-        let ready = match &started {
-            Ok(_) => match self.client().await {
-                Ok(client) => node::wait_ready(&client, node_teardown).await,
-                Err(error) => Err(error),
-            },
-            Err(_) => Ok(()),
+        let node = match node::start(&access, node_teardown, spawn_supervised).await {
+            Ok(node) => node,
+            Err(error) => {
+                self.teardown.run();
+                return Err(error.context("start the node"));
+            }
         };
-        match (started, ready) {
-            (Ok(node), Ok(())) => {
-                self.node = Some(node);
-                Ok(())
-            }
-            (Ok(node), Err(error)) => {
-                let logs = format!("{}\n{}", self.logs(), node.log_tail());
-                self.teardown.run();
-                bail!("{error:#}\n{logs}");
-            }
-            (Err(error), _) => {
-                self.teardown.run();
-                Err(error.context("start the node"))
-            }
+        let ready = match self.client().await {
+            Ok(client) => node::wait_ready(&client, node_teardown).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = ready {
+            let logs = format!("{}\n{}", self.logs(), node.log_tail());
+            self.teardown.run();
+            bail!("{error:#}\n{logs}");
         }
+        self.node = Some(node);
+        Ok(())
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last_error = anyhow::anyhow!("not tried");
         while Instant::now() < deadline {
-            for (pid, name) in self.pids.iter().zip(&self.names) {
+            for (pid, name) in self.teardown.pids.iter().zip(&self.names) {
                 if !process_alive(*pid) {
                     bail!("{name} (pid {pid}) exited during start-up");
                 }
@@ -499,7 +487,7 @@ impl ControlPlane {
         self.names
             .iter()
             .map(|name| {
-                let file = self.dir.join(format!("{name}.log"));
+                let file = self.teardown.dir.join(format!("{name}.log"));
                 format!("== {name}\n{}", tail(&file, 30))
             })
             .collect::<Vec<_>>()

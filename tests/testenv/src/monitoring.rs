@@ -69,9 +69,7 @@ pub async fn install_prometheus(plane: &ControlPlane) -> anyhow::Result<Promethe
     // The operator generates the flags and configuration that this version accepts.
     let prometheus_version = format!("v{}", &prometheus_image[PROMETHEUS_IMAGE.len()..]);
 
-    for crd in operator_crds()? {
-        plane.install_crd(&crd).await?;
-    }
+    install_operator_crds(plane).await?;
     let client = plane.client().await?;
     let objects = operator_objects(&operator_image, &reloader_image)
         .into_iter()
@@ -213,6 +211,15 @@ pub fn sample_values(result: &Value) -> Vec<f64> {
 }
 
 /// The CRDs that `scripts/testenv` copied from the operator's Go module, next to its binaries.
+/// Installs the Prometheus Operator's CRDs (server-side apply) and waits until each is
+/// served: what a chart's monitoring objects need, with or without the operator running.
+pub async fn install_operator_crds(plane: &ControlPlane) -> anyhow::Result<()> {
+    for crd in operator_crds()? {
+        plane.install_crd(&crd).await?;
+    }
+    Ok(())
+}
+
 fn operator_crds() -> anyhow::Result<Vec<CustomResourceDefinition>> {
     let dir = crate::testenv_bin_dir()?.join("../prometheus-operator-crds");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)

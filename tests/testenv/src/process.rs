@@ -7,14 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-pub(crate) fn launch(
-    bin: &Path,
-    name: &str,
-    args: Vec<String>,
-    log: &Path,
-) -> anyhow::Result<Command> {
+/// `program args`, with no input and its output into the file `log`.
+pub(crate) fn launch(program: &Path, args: Vec<String>, log: &Path) -> anyhow::Result<Command> {
     let log = std::fs::File::create(log)?;
-    let mut command = Command::new(bin.join(name));
+    let mut command = Command::new(program);
     command
         .args(args)
         .stdin(Stdio::null())

@@ -86,12 +86,7 @@ impl Footprint {
     /// Removes everything the node left: kills its processes (pods first), unmounts, removes
     /// its cgroups, the bridge, the host files it added, and its directory.
     pub(crate) fn remove(&self) {
-        kill_until_gone(|| {
-            pod_processes()
-                .into_iter()
-                .chain(self.processes())
-                .collect()
-        });
+        kill_until_gone(|| self.all_processes());
         for mount in self.mounts() {
             let Ok(path) = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes()) else {
                 continue;
@@ -101,8 +96,7 @@ impl Footprint {
                 libc::umount2(path.as_ptr(), libc::MNT_DETACH);
             }
         }
-        remove_cgroups();
-        network::delete();
+        remove_fixed_names();
         // Deleting through a mount that survived would delete what it shows (a host directory
         // bind-mounted into a pod): then leave the files, and the check reports them.
         if let Some(mount) = self.mounts().next() {
@@ -136,9 +130,8 @@ impl Footprint {
     pub fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
         found.extend(
-            pod_processes()
+            self.all_processes()
                 .into_iter()
-                .chain(self.processes())
                 .map(|pid| format!("process {pid}: {}", cmdline(pid).unwrap_or_default())),
         );
         found.extend(self.mounts().map(|m| format!("mount {}", m.display())));
@@ -151,6 +144,14 @@ impl Footprint {
             found.push(format!("directory {}", self.dir.display()));
         }
         found
+    }
+
+    /// The pods' processes and the node's own daemons.
+    fn all_processes(&self) -> Vec<u32> {
+        pod_processes()
+            .into_iter()
+            .chain(self.processes())
+            .collect()
     }
 
     /// The node's own daemons: containerd, its shims (by their socket address) and the kubelet,

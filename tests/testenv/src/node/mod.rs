@@ -32,22 +32,20 @@ pub struct Node {
     pub host_address: Ipv4Addr,
     /// The images the node has, by reference (the pods use `imagePullPolicy: Never`).
     pub images: Vec<String>,
-    containerd_socket: PathBuf,
     dir: PathBuf,
 }
 
 impl Node {
-    /// `ctr` against the node's containerd (namespace `k8s.io`), for tests that look inside.
-    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
-        containerd::ctr(&self.containerd_socket, args)
-    }
-
     /// The last lines of the kubelet's and containerd's logs, for a failing test's message.
     pub fn log_tail(&self) -> String {
-        ["kubelet.log", "containerd.log"]
-            .map(|f| format!("== {f}\n{}", crate::tail(&self.dir.join(f), 30)))
-            .join("\n")
+        log_tail(&self.dir)
     }
+}
+
+fn log_tail(dir: &Path) -> String {
+    ["kubelet.log", "containerd.log"]
+        .map(|f| format!("== {f}\n{}", crate::tail(&dir.join(f), 30)))
+        .join("\n")
 }
 
 /// What stopping the node takes; runs at most once.
@@ -116,12 +114,7 @@ pub(crate) async fn start(
     let dir = plane.dir.join("node");
     start_processes(plane, &dir, teardown, spawn)
         .await
-        .map_err(|error| {
-            let logs = ["kubelet.log", "containerd.log"]
-                .map(|f| format!("== {f}\n{}", crate::tail(&dir.join(f), 30)))
-                .join("\n");
-            error.context(logs)
-        })
+        .map_err(|error| error.context(log_tail(&dir)))
 }
 
 async fn start_processes(
@@ -169,8 +162,7 @@ async fn start_processes(
     )?;
     let args = kubelet::args(dir, &config, &kubeconfig, network::HOST_ADDRESS);
     let kubelet_pid = spawn(vec![launch(
-        plane.bin,
-        "kubelet",
+        &plane.bin.join("kubelet"),
         args,
         &dir.join("kubelet.log"),
     )?])?
@@ -183,26 +175,23 @@ async fn start_processes(
     Ok(Node {
         host_address: network::HOST_ADDRESS,
         images,
-        containerd_socket: containerd_paths.socket,
         dir: dir.to_path_buf(),
     })
 }
 
 fn launch_containerd(config: &Path, dir: &Path) -> anyhow::Result<Command> {
-    let log = std::fs::File::create(dir.join("containerd.log"))?;
-    let mut command = Command::new("containerd");
+    let args = vec![
+        format!("--config={}", config.display()),
+        "--log-level=warn".into(),
+    ];
+    let mut command = launch(Path::new("containerd"), args, &dir.join("containerd.log"))?;
     // An image that was not imported must fail, not be pulled from a registry: every pull
     // goes to a proxy address on loopback where nothing listens.
     command
         .env("HTTP_PROXY", "http://127.0.0.1:9")
         .env("HTTPS_PROXY", "http://127.0.0.1:9")
         .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
-        .arg(format!("--config={}", config.display()))
-        .arg("--log-level=warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .env_remove("no_proxy");
     Ok(command)
 }
 
