@@ -1,10 +1,31 @@
-//! A fake OpenAI-style upstream for llmesh's tests and benchmarks.
+//! A fake LLM upstream for llmesh's tests and benchmarks: OpenAI's chat completions and
+//! Anthropic's Messages API.
 //!
-//! It answers `POST .../chat/completions` (and any other path) like a provider would, and
-//! injects faults on request: each behaviour is chosen by an `x-fake-*` request header, which
-//! the sidecar passes through untouched. It records every request it received (method, path,
-//! headers, body) so tests can assert what the provider saw, and counts responses that were
-//! abandoned before they were complete (to prove cancellation reaches the upstream).
+//! It answers like a provider would, and injects faults on request: each behaviour is chosen
+//! by an `x-fake-*` request header, which the sidecar passes through untouched. It records
+//! every request it received (method, path, headers, body) so tests can assert what the
+//! provider saw (over HTTP too: [`INSPECT_PATH`]), and counts responses that were abandoned
+//! before they were complete (to prove cancellation reaches the upstream).
+//!
+//! Routes, by the end of the path:
+//! - `.../messages`: Anthropic's Messages API (JSON or, with `"stream": true`, its event
+//!   sequence), errors in Anthropic's envelope; like Anthropic it answers 401 without
+//!   `x-api-key` and 400 without `anthropic-version`. `.../messages/count_tokens` counts.
+//! - `.../responses`: 404, as from a server that only serves chat completions (llama.cpp).
+//! - anything else: an OpenAI chat completion (JSON or SSE chunks then `[DONE]`).
+//!
+//! Both dialects answer a request that defines tools, and whose last message is not a tool
+//! result, with tool calls: one per defined tool, at most two (parallel calls), with the
+//! arguments [`tool_arguments`] gives. A request whose last message holds tool results is
+//! answered with text that quotes them: `The tool said: <results joined by a space>`.
+//!
+//! Usage is fixed, so that tests can compare it with what the sidecar counted:
+//! - chat JSON: [`usage::PROMPT_TOKENS`] in, [`usage::COMPLETION_TOKENS`] out;
+//! - Anthropic JSON: [`usage::ANTHROPIC_INPUT_TOKENS`] in, [`usage::ANTHROPIC_OUTPUT_TOKENS`]
+//!   out, plus [`usage::CACHE_CREATION_TOKENS`] and [`usage::CACHE_READ_TOKENS`];
+//! - streams: the same input (and cache) counts, and as many output tokens as the stream has
+//!   chunks: 5 for text by default, 2 for a reply to tool results, and for tool calls
+//!   `1 + 3 × calls` chunks (chat) or `4 × calls` (Anthropic).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,6 +100,44 @@ pub mod directives {
 
 /// The response header in which [`directives::ECHO_KEY_IN`]`: header` echoes the credential.
 pub const ECHO_AUTHORIZATION: &str = "x-echo-authorization";
+
+/// `GET` here answers the requests recorded so far (when recording is on), as a JSON array of
+/// `{method, path, headers, body}`: `headers` maps each name to its values joined by `, `,
+/// `body` is the JSON body (or null). Credentials are shown as their [`fingerprint`] (after
+/// `Bearer ` when they had it), so that a test can check which key arrived without the key
+/// appearing in its output. This request itself is not recorded.
+pub const INSPECT_PATH: &str = "/_fake/requests";
+
+/// The fixed token counts of the fake's answers (see the crate documentation for streams).
+pub mod usage {
+    pub const PROMPT_TOKENS: u64 = 10;
+    pub const COMPLETION_TOKENS: u64 = 20;
+    /// Input tokens outside the prompt cache, as Anthropic counts them.
+    pub const ANTHROPIC_INPUT_TOKENS: u64 = 12;
+    pub const ANTHROPIC_OUTPUT_TOKENS: u64 = 5;
+    pub const CACHE_CREATION_TOKENS: u64 = 2;
+    pub const CACHE_READ_TOKENS: u64 = 3;
+}
+
+/// Headers whose value is a credential, shown by [`INSPECT_PATH`] as a fingerprint.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// `fnv1a64:` and the 16 hex digits of the key's 64-bit FNV-1a hash: enough to tell keys
+/// apart in a test, and easy to compute in any language (no cryptographic claim).
+pub fn fingerprint(key: &[u8]) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = key
+        .iter()
+        .fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME));
+    format!("fnv1a64:{hash:016x}")
+}
+
+/// The arguments of the fake's call of the tool `name`: `{"city":"Paris","tool":name}`, so
+/// that parallel calls can be told apart.
+pub fn tool_arguments(name: &str) -> serde_json::Value {
+    serde_json::json!({"city": "Paris", "tool": name})
+}
 
 /// Chunks of an `ECHO_KEY_IN: stream` response when the request does not set `STREAM_CHUNKS`.
 const LEAK_STREAM_CHUNKS: u64 = 3;
@@ -366,6 +425,9 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<FakeBody>, DroppedOnPurpose> {
     let (parts, body) = request.into_parts();
+    if parts.method == http::Method::GET && parts.uri.path() == INSPECT_PATH {
+        return Ok(inspect(&shared));
+    }
     let body = body
         .collect()
         .await
@@ -373,22 +435,7 @@ async fn handle(
         .unwrap_or_default();
     let headers = parts.headers.clone();
     let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
-    let model = json
-        .as_ref()
-        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "unknown".to_string());
-    let streamed = json
-        .as_ref()
-        .and_then(|v| v.get("stream"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
-    // Like OpenAI: a stream carries usage only when the request asks for it.
-    let include_usage = !headers.contains_key(directives::NO_USAGE)
-        && json
-            .as_ref()
-            .and_then(|v| v.pointer("/stream_options/include_usage"))
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false);
+    let call = Call::read(parts.uri.path(), &headers, json.as_ref());
     if options.record {
         if let Ok(mut requests) = shared.requests.lock() {
             requests.push(Recorded {
@@ -422,19 +469,7 @@ async fn handle(
         }
     };
     let echo = Echo::from_request(&headers);
-    let mut response = respond(
-        &shared,
-        options,
-        &headers,
-        &model,
-        faulty,
-        StreamAsk {
-            streamed,
-            include_usage,
-        },
-        &echo,
-    )
-    .await?;
+    let mut response = respond(&shared, options, &headers, &call, faulty, &echo).await?;
     echo.add_headers(&mut response);
     for value in headers.get_all(directives::RESPONSE_HEADER) {
         let Some((name, value)) = value.to_str().ok().and_then(|v| v.split_once(':')) else {
@@ -456,6 +491,201 @@ async fn handle(
     }
 }
 
+/// The recorded requests as [`INSPECT_PATH`] shows them.
+fn inspect(shared: &Shared) -> Response<FakeBody> {
+    let requests = shared
+        .requests
+        .lock()
+        .map(|r| r.iter().map(Recorded::inspected).collect::<Vec<_>>())
+        .unwrap_or_default();
+    json_response(StatusCode::OK, &serde_json::Value::Array(requests))
+}
+
+impl Recorded {
+    fn inspected(&self) -> serde_json::Value {
+        let mut headers = serde_json::Map::new();
+        for name in self.headers.keys() {
+            let values: Vec<String> = self
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| shown_header(name.as_str(), v.as_bytes()))
+                .collect();
+            headers.insert(name.to_string(), values.join(", ").into());
+        }
+        serde_json::json!({
+            "method": self.method,
+            "path": self.path_and_query,
+            "headers": headers,
+            "body": self.json(),
+        })
+    }
+}
+
+fn shown_header(name: &str, value: &[u8]) -> String {
+    if !CREDENTIAL_HEADERS.contains(&name) {
+        return String::from_utf8_lossy(value).into_owned();
+    }
+    let key = strip_bearer(value);
+    if key.len() == value.trim_ascii().len() {
+        fingerprint(key)
+    } else {
+        format!("Bearer {}", fingerprint(key))
+    }
+}
+
+/// Which API the request's path belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Chat completions, and every path the fake does not know.
+    Chat,
+    /// Anthropic's `POST /v1/messages`.
+    Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`.
+    CountTokens,
+    /// OpenAI's Responses API, which a chat-only server does not have.
+    Responses,
+}
+
+impl Route {
+    fn of(path: &str) -> Self {
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/messages") {
+            Self::Messages
+        } else if path.ends_with("/messages/count_tokens") {
+            Self::CountTokens
+        } else if path.ends_with("/responses") || path.contains("/responses/") {
+            Self::Responses
+        } else {
+            Self::Chat
+        }
+    }
+
+    fn is_anthropic(self) -> bool {
+        matches!(self, Self::Messages | Self::CountTokens)
+    }
+}
+
+/// What the answer says, chosen by the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Text,
+    /// Calls of these tools (at most two).
+    ToolCalls(Vec<String>),
+    /// Text quoting the tool results the last message carried.
+    ToolResults(String),
+}
+
+/// The most tools the fake calls at once: two show parallel calls.
+const MAX_TOOL_CALLS: usize = 2;
+
+impl Reply {
+    fn read(route: Route, json: Option<&serde_json::Value>) -> Self {
+        let Some(json) = json else {
+            return Self::Text;
+        };
+        let results = match route {
+            Route::Messages => anthropic_tool_results(json),
+            _ => chat_tool_results(json),
+        };
+        if let Some(results) = results {
+            return Self::ToolResults(results);
+        }
+        let name_at = if route == Route::Messages {
+            "/name"
+        } else {
+            "/function/name"
+        };
+        let names: Vec<String> = json
+            .get("tools")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|tool| tool.pointer(name_at)?.as_str().map(str::to_string))
+            .take(MAX_TOOL_CALLS)
+            .collect();
+        if names.is_empty() {
+            Self::Text
+        } else {
+            Self::ToolCalls(names)
+        }
+    }
+}
+
+/// The contents of the tool messages that end a chat conversation, if it ends with any.
+fn chat_tool_results(json: &serde_json::Value) -> Option<String> {
+    let messages = json.get("messages")?.as_array()?;
+    let results: Vec<String> = messages
+        .iter()
+        .rev()
+        .take_while(|m| m.get("role").and_then(serde_json::Value::as_str) == Some("tool"))
+        .map(|m| text_of(m.get("content")))
+        .collect();
+    (!results.is_empty()).then(|| results.into_iter().rev().collect::<Vec<_>>().join(" "))
+}
+
+/// The contents of the `tool_result` blocks of the last message, if it has any.
+fn anthropic_tool_results(json: &serde_json::Value) -> Option<String> {
+    let last = json.get("messages")?.as_array()?.last()?;
+    let results: Vec<String> = last
+        .get("content")?
+        .as_array()?
+        .iter()
+        .filter(|b| b.get("type").and_then(serde_json::Value::as_str) == Some("tool_result"))
+        .map(|b| text_of(b.get("content")))
+        .collect();
+    (!results.is_empty()).then(|| results.join(" "))
+}
+
+/// A content field's text: a string, or the `text` of each part of an array.
+fn text_of(content: Option<&serde_json::Value>) -> String {
+    match content {
+        Some(serde_json::Value::String(text)) => text.clone(),
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(serde_json::Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// The request, as far as the shape of the answer goes.
+struct Call {
+    route: Route,
+    model: String,
+    ask: StreamAsk,
+    reply: Reply,
+}
+
+impl Call {
+    fn read(path: &str, headers: &HeaderMap, json: Option<&serde_json::Value>) -> Self {
+        let route = Route::of(path);
+        let model = json
+            .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "unknown".to_string());
+        let streamed = json
+            .and_then(|v| v.get("stream"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        // Like OpenAI: a stream carries usage only when the request asks for it.
+        let include_usage = !headers.contains_key(directives::NO_USAGE)
+            && json
+                .and_then(|v| v.pointer("/stream_options/include_usage"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
+        Self {
+            route,
+            model,
+            ask: StreamAsk {
+                streamed,
+                include_usage,
+            },
+            reply: Reply::read(route, json),
+        }
+    }
+}
+
 /// What the request body asks of the answer's form.
 #[derive(Clone, Copy)]
 struct StreamAsk {
@@ -469,9 +699,8 @@ async fn respond(
     shared: &Arc<Shared>,
     options: Options,
     headers: &HeaderMap,
-    model: &str,
+    call: &Call,
     faulty: bool,
-    ask: StreamAsk,
     echo: &Echo,
 ) -> Result<Response<FakeBody>, DroppedOnPurpose> {
     if headers.contains_key(directives::UUID_REQUEST_ID) {
@@ -485,6 +714,11 @@ async fn respond(
                 return Ok(response);
             }
         }
+    }
+    if call.route == Route::Responses {
+        // llama.cpp's answer to a path it does not serve.
+        let body = serde_json::json!({"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}});
+        return Ok(json_response(StatusCode::NOT_FOUND, &body));
     }
     let headers = if faulty {
         headers.clone()
@@ -507,8 +741,17 @@ async fn respond(
     if headers.contains_key(directives::DROP_CONNECTION) {
         return Err(DroppedOnPurpose);
     }
+    if call.route.is_anthropic() {
+        if let Some(refusal) = anthropic_header_refusal(&headers) {
+            return Ok(refusal);
+        }
+    }
     // Without a credential every echo place is off (`Echo::from_request`).
     if echo.body {
+        if call.route.is_anthropic() {
+            let message = format!("invalid x-api-key: {}", echo.raw_key_text());
+            return Ok(anthropic_error(StatusCode::UNAUTHORIZED, &message));
+        }
         let body = serde_json::json!({"error": {
             "message": format!(
                 "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
@@ -525,22 +768,31 @@ async fn respond(
             .ok()
             .and_then(|s| StatusCode::from_u16(s).ok())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = format!("fake upstream error {}", status.as_u16());
+        if call.route.is_anthropic() {
+            return Ok(anthropic_error(status, &message));
+        }
         let body = serde_json::json!({"error": {
-            "message": format!("fake upstream error {}", status.as_u16()),
+            "message": message,
             "type": "fake_error",
             "param": null,
             "code": format!("fake_{}", status.as_u16()),
         }});
         return Ok(json_response(status, &body));
     }
+    if call.route == Route::CountTokens {
+        let body = serde_json::json!({"input_tokens": usage::ANTHROPIC_INPUT_TOKENS});
+        return Ok(json_response(StatusCode::OK, &body));
+    }
     let chunks = directive(&headers, directives::STREAM_CHUNKS);
-    if chunks.is_some() || echo.stream || ask.streamed {
+    if chunks.is_some() || echo.stream || call.ask.streamed {
         let default = if echo.stream {
             LEAK_STREAM_CHUNKS
         } else {
             DEFAULT_STREAM_CHUNKS
         };
-        let chunks = chunks.unwrap_or(default);
+        let script = Script::for_call(call, echo.stream);
+        let chunks = script.chunks().unwrap_or(chunks.unwrap_or(default));
         let plan = StreamPlan {
             chunks: if echo.stream { chunks.max(1) } else { chunks },
             interval: Duration::from_millis(
@@ -548,21 +800,125 @@ async fn respond(
             ),
             fail_after: directive(&headers, directives::FAIL_AFTER_CHUNKS),
             stall_after: directive(&headers, directives::STALL_AFTER_CHUNKS),
-            include_usage: ask.include_usage,
+            script,
             leak: echo.stream.then(|| echo.raw_key_text()),
             hold: Duration::from_millis(
                 directive(&headers, directives::FINISH_THEN_HOLD_MS).unwrap_or(0),
             ),
         };
-        return Ok(stream_response(shared, model, plan));
+        return Ok(stream_response(shared, plan));
+    }
+    if call.route == Route::Messages {
+        let text = if echo.ok_body {
+            format!("Your key is {}.", echo.raw_key_text())
+        } else {
+            default_text()
+        };
+        return Ok(anthropic_message(&call.model, &call.reply, text));
     }
     if echo.ok_body {
         let content = format!("Your key is {}.", echo.raw_key_text());
-        return Ok(completion_response(model, content));
+        return Ok(completion_response(&call.model, &call.reply, content));
     }
-    let overhead = 330 + model.len();
+    let overhead = 330 + call.model.len();
     let content = "x".repeat(options.body_bytes.saturating_sub(overhead).max(1));
-    Ok(completion_response(model, content))
+    Ok(completion_response(&call.model, &call.reply, content))
+}
+
+/// What Anthropic answers a request without its key or version header.
+fn anthropic_header_refusal(headers: &HeaderMap) -> Option<Response<FakeBody>> {
+    if !headers.contains_key("x-api-key") {
+        let message = "x-api-key header is required";
+        return Some(anthropic_error(StatusCode::UNAUTHORIZED, message));
+    }
+    if !headers.contains_key("anthropic-version") {
+        let message = "anthropic-version: header is required";
+        return Some(anthropic_error(StatusCode::BAD_REQUEST, message));
+    }
+    None
+}
+
+/// An error in Anthropic's envelope, its `type` chosen by the status as Anthropic does.
+fn anthropic_error(status: StatusCode, message: &str) -> Response<FakeBody> {
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    };
+    let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}});
+    json_response(status, &body)
+}
+
+/// The text of a non-streamed Anthropic answer: what the default stream's chunks add up to.
+fn default_text() -> String {
+    (0..DEFAULT_STREAM_CHUNKS).map(text_piece).collect()
+}
+
+fn text_piece(i: u64) -> String {
+    format!("tok{i} ")
+}
+
+fn tool_reply_text(results: &str) -> [String; 2] {
+    ["The tool said: ".to_string(), results.to_string()]
+}
+
+fn tool_call_id(route: Route, i: usize) -> String {
+    match route {
+        Route::Messages => format!("toolu_fake_{i}"),
+        _ => format!("call_fake_{i}"),
+    }
+}
+
+fn anthropic_usage(output_tokens: u64) -> serde_json::Value {
+    serde_json::json!({
+        "input_tokens": usage::ANTHROPIC_INPUT_TOKENS,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": usage::CACHE_CREATION_TOKENS,
+        "cache_read_input_tokens": usage::CACHE_READ_TOKENS,
+    })
+}
+
+fn anthropic_message(model: &str, reply: &Reply, text: String) -> Response<FakeBody> {
+    let (content, stop_reason) = match reply {
+        Reply::Text => (
+            serde_json::json!([{"type": "text", "text": text}]),
+            "end_turn",
+        ),
+        Reply::ToolResults(results) => {
+            let text = tool_reply_text(results).concat();
+            (
+                serde_json::json!([{"type": "text", "text": text}]),
+                "end_turn",
+            )
+        }
+        Reply::ToolCalls(names) => {
+            let calls = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    serde_json::json!({"type": "tool_use", "id": tool_call_id(Route::Messages, i), "name": name, "input": tool_arguments(name)})
+                })
+                .collect();
+            (serde_json::Value::Array(calls), "tool_use")
+        }
+    };
+    let body = serde_json::json!({
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": null,
+        "usage": anthropic_usage(usage::ANTHROPIC_OUTPUT_TOKENS),
+    });
+    json_response(StatusCode::OK, &body)
 }
 
 fn full(body: String) -> FakeBody {
@@ -571,14 +927,37 @@ fn full(body: String) -> FakeBody {
         .boxed_unsync()
 }
 
-fn completion_response(model: &str, content: String) -> Response<FakeBody> {
+fn completion_response(model: &str, reply: &Reply, content: String) -> Response<FakeBody> {
+    let (message, finish_reason) = match reply {
+        Reply::Text => (
+            serde_json::json!({"role": "assistant", "content": content}),
+            "stop",
+        ),
+        Reply::ToolResults(results) => (
+            serde_json::json!({"role": "assistant", "content": tool_reply_text(results).concat()}),
+            "stop",
+        ),
+        Reply::ToolCalls(names) => {
+            let calls: Vec<serde_json::Value> = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    serde_json::json!({"id": tool_call_id(Route::Chat, i), "type": "function", "function": {"name": name, "arguments": tool_arguments(name).to_string()}})
+                })
+                .collect();
+            (
+                serde_json::json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                "tool_calls",
+            )
+        }
+    };
     let body = serde_json::json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 1_700_000_000,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": usage::PROMPT_TOKENS, "completion_tokens": usage::COMPLETION_TOKENS, "total_tokens": usage::PROMPT_TOKENS + usage::COMPLETION_TOKENS},
     });
     json_response(StatusCode::OK, &body)
 }
@@ -635,10 +1014,10 @@ struct StreamPlan {
     fail_after: Option<u64>,
     /// Stop sending, connection open, after this many chunks.
     stall_after: Option<u64>,
-    include_usage: bool,
+    script: Script,
     /// A key to leak in one chunk, split across two frames.
     leak: Option<String>,
-    /// How long the body stays open after `[DONE]`.
+    /// How long the body stays open after the last event.
     hold: Duration,
 }
 
@@ -649,6 +1028,276 @@ impl StreamPlan {
         self.leak
             .as_ref()
             .map(|_| self.chunks.saturating_sub(1).min(1))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Chat,
+    Anthropic,
+}
+
+/// The events of a stream: its chunks, then a tail sent once they are all out (usage and
+/// `[DONE]`, or Anthropic's closing events).
+enum Script {
+    /// Text, one piece per chunk: `pieces` when given, else `tok{i} `.
+    Text {
+        dialect: Dialect,
+        model: String,
+        include_usage: bool,
+        pieces: Option<Vec<String>>,
+    },
+    /// Chunks written out in full (tool calls).
+    Given { chunks: Vec<Bytes>, tail: Bytes },
+}
+
+impl Script {
+    fn for_call(call: &Call, leaking: bool) -> Self {
+        let dialect = if call.route == Route::Messages {
+            Dialect::Anthropic
+        } else {
+            Dialect::Chat
+        };
+        let text = |pieces| Self::Text {
+            dialect,
+            model: call.model.clone(),
+            include_usage: call.ask.include_usage,
+            pieces,
+        };
+        match &call.reply {
+            _ if leaking => text(None),
+            Reply::Text => text(None),
+            Reply::ToolResults(results) => text(Some(tool_reply_text(results).to_vec())),
+            Reply::ToolCalls(names) => match dialect {
+                Dialect::Chat => chat_tool_stream(&call.model, names, call.ask.include_usage),
+                Dialect::Anthropic => anthropic_tool_stream(&call.model, names),
+            },
+        }
+    }
+
+    /// How many chunks the stream has, when the script decides it.
+    fn chunks(&self) -> Option<u64> {
+        let len = match self {
+            Self::Text { pieces: None, .. } => return None,
+            Self::Text {
+                pieces: Some(pieces),
+                ..
+            } => pieces.len(),
+            Self::Given { chunks, .. } => chunks.len(),
+        };
+        u64::try_from(len).ok()
+    }
+
+    /// Chunk `i`, with `leak` as its text if given.
+    fn chunk(&self, i: u64, leak: Option<&str>) -> Bytes {
+        let Self::Text {
+            dialect,
+            model,
+            pieces,
+            ..
+        } = self
+        else {
+            let Self::Given { chunks, .. } = self else {
+                return Bytes::new();
+            };
+            return usize::try_from(i)
+                .ok()
+                .and_then(|i| chunks.get(i).cloned())
+                .unwrap_or_default();
+        };
+        let text = match (leak, pieces) {
+            (Some(key), _) => format!("leaked {key} here"),
+            (None, Some(pieces)) => usize::try_from(i)
+                .ok()
+                .and_then(|i| pieces.get(i).cloned())
+                .unwrap_or_default(),
+            (None, None) => text_piece(i),
+        };
+        match dialect {
+            Dialect::Chat => chat_chunk(model, serde_json::json!({"content": text}), None),
+            Dialect::Anthropic => {
+                let mut events = if i == 0 {
+                    anthropic_text_start(model)
+                } else {
+                    String::new()
+                };
+                events.push_str(&anthropic_event(
+                    "content_block_delta",
+                    serde_json::json!({"index": 0, "delta": {"type": "text_delta", "text": text}}),
+                ));
+                Bytes::from(events)
+            }
+        }
+    }
+
+    /// What follows the last chunk, for a stream that had `chunks` of them.
+    fn tail(&self, chunks: u64) -> Bytes {
+        match self {
+            Self::Given { tail, .. } => tail.clone(),
+            Self::Text {
+                dialect: Dialect::Chat,
+                model,
+                include_usage,
+                ..
+            } => chat_tail(model, chunks, *include_usage),
+            Self::Text {
+                dialect: Dialect::Anthropic,
+                model,
+                ..
+            } => {
+                let mut events = if chunks == 0 {
+                    anthropic_text_start(model)
+                } else {
+                    String::new()
+                };
+                events.push_str(&anthropic_event(
+                    "content_block_stop",
+                    serde_json::json!({"index": 0}),
+                ));
+                events.push_str(&anthropic_end("end_turn", chunks));
+                Bytes::from(events)
+            }
+        }
+    }
+}
+
+fn chat_chunk(model: &str, delta: serde_json::Value, finish_reason: Option<&str>) -> Bytes {
+    let event = serde_json::json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    });
+    Bytes::from(format!("data: {event}\n\n"))
+}
+
+/// The usage chunk (when asked for) and `[DONE]`.
+fn chat_tail(model: &str, chunks: u64, include_usage: bool) -> Bytes {
+    let mut tail = String::new();
+    if include_usage {
+        let usage = serde_json::json!({
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": model,
+            "choices": [],
+            "usage": {"prompt_tokens": usage::PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": usage::PROMPT_TOKENS.saturating_add(chunks)},
+        });
+        tail.push_str(&format!("data: {usage}\n\n"));
+    }
+    tail.push_str("data: [DONE]\n\n");
+    Bytes::from(tail)
+}
+
+/// A string split in two at its middle character, so that a reader must join the pieces.
+fn halves(s: &str) -> (&str, &str) {
+    let middle = s.chars().count() / 2;
+    let at = s.char_indices().nth(middle).map_or(s.len(), |(at, _)| at);
+    s.split_at(at)
+}
+
+/// Per call: its id and name, then its arguments in two pieces; then the finish reason.
+fn chat_tool_stream(model: &str, names: &[String], include_usage: bool) -> Script {
+    let mut chunks = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut header = serde_json::json!({"tool_calls": [{"index": i, "id": tool_call_id(Route::Chat, i), "type": "function", "function": {"name": name, "arguments": ""}}]});
+        if i == 0 {
+            header["role"] = "assistant".into();
+            header["content"] = serde_json::Value::Null;
+        }
+        chunks.push(chat_chunk(model, header, None));
+        let arguments = tool_arguments(name).to_string();
+        let (first, second) = halves(&arguments);
+        for piece in [first, second] {
+            let delta =
+                serde_json::json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]});
+            chunks.push(chat_chunk(model, delta, None));
+        }
+    }
+    chunks.push(chat_chunk(model, serde_json::json!({}), Some("tool_calls")));
+    let count = u64::try_from(chunks.len()).unwrap_or(u64::MAX);
+    Script::Given {
+        tail: chat_tail(model, count, include_usage),
+        chunks,
+    }
+}
+
+fn anthropic_event(kind: &str, mut data: serde_json::Value) -> String {
+    data["type"] = kind.into();
+    format!("event: {kind}\ndata: {data}\n\n")
+}
+
+fn anthropic_message_start(model: &str) -> String {
+    anthropic_event(
+        "message_start",
+        serde_json::json!({"message": {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": null,
+            "stop_sequence": null,
+            "usage": anthropic_usage(1),
+        }}),
+    )
+}
+
+/// `message_start`, the text block's start and a `ping`, as Anthropic opens a text answer.
+fn anthropic_text_start(model: &str) -> String {
+    let mut events = anthropic_message_start(model);
+    events.push_str(&anthropic_event(
+        "content_block_start",
+        serde_json::json!({"index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
+    events.push_str(&anthropic_event("ping", serde_json::json!({})));
+    events
+}
+
+/// `message_delta` with the stop reason and output tokens, then `message_stop`.
+fn anthropic_end(stop_reason: &str, output_tokens: u64) -> String {
+    let mut events = anthropic_event(
+        "message_delta",
+        serde_json::json!({"delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": output_tokens}}),
+    );
+    events.push_str(&anthropic_event("message_stop", serde_json::json!({})));
+    events
+}
+
+/// Per call: its block's start, its input in two `input_json_delta` pieces, its block's stop.
+fn anthropic_tool_stream(model: &str, names: &[String]) -> Script {
+    let mut chunks = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut start = if i == 0 {
+            let mut opening = anthropic_message_start(model);
+            opening.push_str(&anthropic_event("ping", serde_json::json!({})));
+            opening
+        } else {
+            String::new()
+        };
+        start.push_str(&anthropic_event(
+            "content_block_start",
+            serde_json::json!({"index": i, "content_block": {"type": "tool_use", "id": tool_call_id(Route::Messages, i), "name": name, "input": {}}}),
+        ));
+        chunks.push(Bytes::from(start));
+        let input = tool_arguments(name).to_string();
+        let (first, second) = halves(&input);
+        for piece in [first, second] {
+            chunks.push(Bytes::from(anthropic_event(
+                "content_block_delta",
+                serde_json::json!({"index": i, "delta": {"type": "input_json_delta", "partial_json": piece}}),
+            )));
+        }
+        chunks.push(Bytes::from(anthropic_event(
+            "content_block_stop",
+            serde_json::json!({"index": i}),
+        )));
+    }
+    let count = u64::try_from(chunks.len()).unwrap_or(u64::MAX);
+    Script::Given {
+        tail: Bytes::from(anthropic_end("tool_use", count)),
+        chunks,
     }
 }
 
@@ -667,8 +1316,7 @@ struct StreamState {
     rest_of_split: Option<Bytes>,
 }
 
-fn stream_response(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Response<FakeBody> {
-    let model: Arc<str> = Arc::from(model);
+fn stream_response(shared: &Arc<Shared>, plan: StreamPlan) -> Response<FakeBody> {
     let plan = Arc::new(plan);
     let state = StreamState {
         sent: 0,
@@ -676,7 +1324,6 @@ fn stream_response(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Respo
         rest_of_split: None,
     };
     let steps = stream::unfold(state, move |mut state| {
-        let model = Arc::clone(&model);
         let plan = Arc::clone(&plan);
         async move {
             if let Some(rest) = state.rest_of_split.take() {
@@ -701,18 +1348,7 @@ fn stream_response(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Respo
                         tokio::time::sleep(plan.interval).await;
                     }
                     let leak = plan.leak.as_deref().filter(|_| plan.leak_at() == Some(i));
-                    let content = match leak {
-                        Some(key) => format!("leaked {key} here"),
-                        None => format!("tok{i} "),
-                    };
-                    let event = serde_json::json!({
-                        "id": "chatcmpl-fake",
-                        "object": "chat.completion.chunk",
-                        "created": 1_700_000_000,
-                        "model": &*model,
-                        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}],
-                    });
-                    let mut event = Bytes::from(format!("data: {event}\n\n"));
+                    let mut event = plan.script.chunk(i, leak);
                     state.sent = sent.saturating_add(1);
                     if let Some(key) = leak {
                         // In the middle of the key as written (JSON escaping may move it).
@@ -726,21 +1362,8 @@ fn stream_response(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Respo
                 }
                 Step::Done => {
                     state.guard.armed = false;
-                    let mut tail = String::new();
-                    if plan.include_usage {
-                        let usage = serde_json::json!({
-                            "id": "chatcmpl-fake",
-                            "object": "chat.completion.chunk",
-                            "created": 1_700_000_000,
-                            "model": &*model,
-                            "choices": [],
-                            "usage": {"prompt_tokens": 10, "completion_tokens": plan.chunks, "total_tokens": 10 + plan.chunks},
-                        });
-                        tail.push_str(&format!("data: {usage}\n\n"));
-                    }
-                    tail.push_str("data: [DONE]\n\n");
                     state.sent = sent.saturating_add(1);
-                    Some((Ok(Frame::data(Bytes::from(tail))), state))
+                    Some((Ok(Frame::data(plan.script.tail(plan.chunks))), state))
                 }
                 Step::Fail => {
                     // Let the chunks already written leave before the connection is cut.

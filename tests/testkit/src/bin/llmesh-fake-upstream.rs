@@ -16,6 +16,10 @@ struct Cli {
     /// Worker threads (the load generator and the proxy under test need the other cores).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Keep every request, for `GET /_fake/requests` (the SDK tests); off by default, since a
+    /// benchmark's upstream would grow without bound.
+    #[arg(long)]
+    record: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let options = Options {
             body_bytes: cli.body_bytes,
-            record: false,
+            record: cli.record,
         };
         let upstream = FakeUpstream::start_on(cli.listen, options).await?;
         println!("listening on {}", upstream.addr());
