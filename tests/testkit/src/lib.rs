@@ -9,8 +9,8 @@
 //!
 //! Routes, by the end of the path:
 //! - `.../messages`: Anthropic's Messages API (JSON or, with `"stream": true`, its event
-//!   sequence), errors in Anthropic's envelope; like Anthropic it answers 401 without
-//!   `x-api-key` and 400 without `anthropic-version`. `.../messages/count_tokens` counts.
+//!   sequence), errors in Anthropic's envelope; like Anthropic it answers 401 without a key
+//!   (`x-api-key` or `Authorization: Bearer`) and 400 without `anthropic-version`. `.../messages/count_tokens` counts.
 //! - `.../responses`: 404, as from a server that only serves chat completions (llama.cpp).
 //! - anything else: an OpenAI chat completion (JSON or SSE chunks then `[DONE]`).
 //!
@@ -825,9 +825,10 @@ async fn respond(
     Ok(completion_response(&call.model, &call.reply, content))
 }
 
-/// What Anthropic answers a request without its key or version header.
+/// What Anthropic answers a request without a key (`x-api-key` or a bearer token) or version.
 fn anthropic_header_refusal(headers: &HeaderMap) -> Option<Response<FakeBody>> {
-    if !headers.contains_key("x-api-key") {
+    // Anthropic's SDKs send the key as a bearer token since their 2.x versions.
+    if !headers.contains_key("x-api-key") && !headers.contains_key("authorization") {
         let message = "x-api-key header is required";
         return Some(anthropic_error(StatusCode::UNAUTHORIZED, message));
     }

@@ -461,6 +461,18 @@ async fn anthropic_needs_its_key_and_version_headers() {
     .await;
     assert_eq!(without_key.status, StatusCode::UNAUTHORIZED);
     assert_eq!(without_key.json()["error"]["type"], "authentication_error");
+    let bearer = bearer();
+    let with_bearer = post(
+        &upstream,
+        "/v1/messages",
+        &[
+            ("authorization", &bearer),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(with_bearer.status, StatusCode::OK);
     let without_version = post(&upstream, "/v1/messages", &[("x-api-key", KEY)], &body).await;
     assert_eq!(without_version.status, StatusCode::BAD_REQUEST);
     assert_eq!(
