@@ -240,24 +240,34 @@ class Measured:
         self._sidecar = sidecar
         self._endpoint = endpoint
         self._before = sidecar.metrics()
+        self._after = None
 
     def _total(self, samples, name, **labels):
         wanted = {("endpoint", self._endpoint), *labels.items()}
         return sum(v for (n, pairs), v in samples.items() if n == name and wanted <= pairs)
 
     def delta(self, name, **labels):
-        """The change since construction, waiting (up to 3 s) for the call to be counted: a
-        stream is counted when it ends, which may be just after the app read its last event."""
-        deadline = time.monotonic() + 3
-        while True:
-            now = self._sidecar.metrics()
-            change = self._total(now, name, **labels) - self._total(self._before, name, **labels)
-            if change or time.monotonic() > deadline:
-                return change
-            time.sleep(0.05)
+        """The change since construction, once the call is counted: a stream is counted when
+        it ends, which may be just after the app read its last event (waits up to 3 s)."""
+        if self._after is None:
+            deadline = time.monotonic() + 3
+            while True:
+                self._after = self._sidecar.metrics()
+                counted = self._change(self._after, "llmesh_requests_total")
+                if counted or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        return self._change(self._after, name, **labels)
+
+    def _change(self, now, name, **labels):
+        return self._total(now, name, **labels) - self._total(self._before, name, **labels)
 
     def tokens(self, token_type):
         return self.delta("gen_ai_client_token_usage_sum", token_type=token_type)
+
+    def cache_tokens(self, kind):
+        """Prompt-cache tokens (kind: read or write), also counted in the input tokens."""
+        return self.delta("llmesh_prompt_cache_tokens_total", kind=kind)
 
     def first_chunks(self):
         return self.delta("gen_ai_client_operation_time_to_first_chunk_seconds_count")

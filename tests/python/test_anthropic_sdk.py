@@ -88,9 +88,13 @@ def test_text(client, dialects, endpoint, streamed):
     else:
         assert text and set(text) == {"x"}, text
     assert_usage(message, endpoint, streamed, "text")
-    # The metrics count what the upstream reported.
-    assert measured.tokens("input") == message.usage.input_tokens
+    # The metrics count what the upstream reported, cached prompt tokens as input too.
+    cache_read = message.usage.cache_read_input_tokens or 0
+    cache_write = message.usage.cache_creation_input_tokens or 0
+    assert measured.tokens("input") == message.usage.input_tokens + cache_read + cache_write
     assert measured.tokens("output") == message.usage.output_tokens
+    assert measured.cache_tokens("read") == cache_read
+    assert measured.cache_tokens("write") == cache_write
     assert measured.first_chunks() == (1 if streamed else 0)
 
 

@@ -117,7 +117,11 @@ def test_chat_text(client, dialects, endpoint, streamed):
     assert_usage(answer, endpoint, streamed, "text")
     if UPSTREAM[endpoint] == "anthropic":
         assert answer.usage.prompt_tokens_details.cached_tokens == ANTHROPIC_CACHE["cache_read_input_tokens"]
+    assert measured.tokens("input") == answer.usage.prompt_tokens
     assert measured.tokens("output") == answer.usage.completion_tokens
+    if UPSTREAM[endpoint] == "anthropic":
+        assert measured.cache_tokens("read") == ANTHROPIC_CACHE["cache_read_input_tokens"]
+        assert measured.cache_tokens("write") == ANTHROPIC_CACHE["cache_creation_input_tokens"]
     assert measured.first_chunks() == (1 if streamed else 0)
 
 
