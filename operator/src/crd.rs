@@ -10,8 +10,8 @@ use std::marker::PhantomData;
 
 use kube::CustomResource;
 use llmesh_sidecar::config::{
-    AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, PriceConfig,
-    ProviderKind, RetryConfig, HEADER_NAME_PATTERN,
+    AnthropicConfig, AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, PriceConfig,
+    ProviderKind, ResponsesMode, RetryConfig, HEADER_NAME_PATTERN,
 };
 use schemars::transform::RecursiveTransform;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -50,6 +50,10 @@ use serde::{Deserialize, Serialize};
     {
         "rule": "self.provider != 'azure-openai' || has(self.azure)",
         "message": "provider azure-openai needs azure.apiVersion"
+    },
+    {
+        "rule": "!has(self.anthropic) || self.provider == 'anthropic'",
+        "message": "anthropic settings apply only to provider anthropic"
     }
 ]))]
 pub struct LlmEndpointSpec {
@@ -78,12 +82,17 @@ pub struct LlmEndpointSpec {
     {
         "rule": "!has(self.azure) || !has(self.provider) || self.provider == 'azure-openai'",
         "message": "azure settings apply only to provider azure-openai"
+    },
+    {
+        "rule": "!has(self.anthropic) || !has(self.provider) || self.provider == 'anthropic'",
+        "message": "anthropic settings apply only to provider anthropic"
     }
 ]))]
 pub struct EndpointSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<ProviderKind>,
-    /// The provider's API base, e.g. `https://api.openai.com/v1` (OpenAI's is the default for `openai`).
+    /// The provider's API base, e.g. `https://api.openai.com/v1` (OpenAI's is the default for
+    /// `openai`, `https://api.anthropic.com` for `anthropic`, which takes the root without `/v1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self.startsWith('http://') || self.startsWith('https://')",
@@ -115,6 +124,13 @@ pub struct EndpointSettings {
     pub azure: Option<Partial<AzureConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<Partial<MockConfig>>,
+    /// Anthropic settings (`version`: the `anthropic-version` header sent when the app sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic: Option<Partial<AnthropicConfig>>,
+    /// OpenAI's Responses API: `native`, or `translate` to chat completions for servers
+    /// that serve only chat. Defaults to `native` for openai and azure-openai.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responses: Option<ResponsesMode>,
     /// Retries with backoff and a retry budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Partial<RetryConfig>>,

@@ -66,7 +66,7 @@ pub enum RenderError {
 /// The base settings with the environment's overrides merged over them, field by field
 /// (objects merge recursively; lists and values are replaced). An environment that switches
 /// to another provider does not inherit the base's provider-specific fields (`baseUrl`,
-/// `azure`, `credentialHeader`, `mock`): `dev: {provider: mock}` over a self-hosted base with a
+/// `azure`, `anthropic`, `responses`, `credentialHeader`, `mock`): `dev: {provider: mock}` over a self-hosted base with a
 /// `baseUrl` must just work, and another provider's URL or header would be wrong anyway.
 pub fn merged_settings(
     spec: &LlmEndpointSpec,
@@ -85,6 +85,8 @@ pub fn merged_settings(
         base.azure = None;
         base.credential_header = None;
         base.mock = None;
+        base.anthropic = None;
+        base.responses = None;
     }
     let mut merged = serde_json::to_value(&base).map_err(merge_error)?;
     deep_merge(
@@ -183,6 +185,9 @@ pub fn render(
             .filter(|_| provider == ProviderKind::AzureOpenai),
         mock: parse_block(settings.mock.as_ref(), "mock", environment)?
             .filter(|_| provider == ProviderKind::Mock),
+        anthropic: parse_block(settings.anthropic.as_ref(), "anthropic", environment)?
+            .filter(|_| provider == ProviderKind::Anthropic),
+        responses: settings.responses,
         retry: parse_block(settings.retry.as_ref(), "retry", environment)?.unwrap_or_default(),
         fallbacks: settings.fallbacks.clone().unwrap_or_default(),
         circuit_breaker: parse_block(

@@ -108,6 +108,7 @@ impl Credential {
 fn default_header(provider: ProviderKind) -> (HeaderName, &'static str) {
     match provider {
         ProviderKind::AzureOpenai => (HeaderName::from_static("api-key"), ""),
+        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), ""),
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => {
             (http::header::AUTHORIZATION, "Bearer ")
         }

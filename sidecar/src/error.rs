@@ -1,14 +1,15 @@
-//! Errors the sidecar itself answers with, always in OpenAI's error envelope so that SDKs
-//! raise their usual exception types (`BadRequestError`, `NotFoundError`, ...).
-//! Upstream error responses are never converted: they pass through unchanged.
+//! Errors the sidecar itself answers with, in the error envelope of the API the app called
+//! (OpenAI's, or Anthropic's for `/v1/messages`), so that SDKs raise their usual exception
+//! types (`BadRequestError`, `NotFoundError`, ...). Upstream error responses pass through
+//! unchanged, unless the call was translated: then only their envelope changes.
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use serde::Serialize;
 
 use std::time::Duration;
 
 use crate::credentials::CredentialError;
+use crate::dialect::{envelope, sse, Dialect, TranslateError};
 use crate::limits::LimitKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +40,17 @@ pub enum ProxyError {
     },
     #[error("'model' must be a string naming a model or an endpoint, not {0}.")]
     ModelNotAString(&'static str),
-    #[error("llmesh does not serve Anthropic's Messages API ({route}) yet{}. Call it with the OpenAI SDK at http://127.0.0.1:4000/v1 instead.", endpoint.as_ref().map(|e| format!("; endpoint '{e}' speaks OpenAI's API")).unwrap_or_default())]
-    AnthropicApiNotServed {
-        route: String,
-        endpoint: Option<String>,
+    #[error("This request cannot be sent to endpoint '{endpoint}' ({provider}): {source}")]
+    Untranslatable {
+        endpoint: String,
+        provider: &'static str,
+        source: TranslateError,
+    },
+    #[error("Endpoint '{endpoint}' ({provider}) answered, but {source}")]
+    UpstreamAnswerUntranslatable {
+        endpoint: String,
+        provider: &'static str,
+        source: TranslateError,
     },
     #[error("Endpoint '{endpoint}' ({provider}) does not serve {route}: {detail}")]
     RouteNotServed {
@@ -104,20 +112,6 @@ fn human_wait(wait: Duration) -> String {
     }
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: ErrorBody<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    message: String,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    param: Option<&'a str>,
-    code: &'a str,
-}
-
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -126,20 +120,21 @@ impl ProxyError {
             | Self::BodyRead(_)
             | Self::NoEndpointSelected
             | Self::InvalidPath { .. }
-            | Self::ModelNotAString(_) => StatusCode::BAD_REQUEST,
+            | Self::ModelNotAString(_)
+            | Self::Untranslatable { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownModel(_)
             | Self::UnknownEndpoint(_)
             | Self::UnknownRoute { .. }
             | Self::RouteNotServed { .. }
-            | Self::AnthropicApiNotServed { .. }
             | Self::NotImplementedByMock(_) => StatusCode::NOT_FOUND,
             Self::CredentialUnavailable { .. } | Self::EndpointNotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamUnreachable { .. }
             | Self::UpstreamReset { .. }
-            | Self::UpstreamBrokeMidResponse { .. } => StatusCode::BAD_GATEWAY,
+            | Self::UpstreamBrokeMidResponse { .. }
+            | Self::UpstreamAnswerUntranslatable { .. } => StatusCode::BAD_GATEWAY,
             Self::ShutdownGraceOver { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -188,9 +183,12 @@ impl ProxyError {
             Self::UnknownRoute { .. } => "unknown_url",
             Self::InvalidPath { .. } => "invalid_path",
             Self::ModelNotAString(_) => "invalid_type",
-            Self::RouteNotServed { .. } | Self::AnthropicApiNotServed { .. } => {
-                "route_not_supported"
-            }
+            Self::RouteNotServed { .. } => "route_not_supported",
+            Self::Untranslatable { source, .. } => match source {
+                TranslateError::Unsupported { .. } => "unsupported_parameter",
+                _ => "invalid_value",
+            },
+            Self::UpstreamAnswerUntranslatable { .. } => "upstream_answer_untranslatable",
             Self::NotImplementedByMock(_) => "not_implemented",
             Self::CredentialUnavailable { .. } => "credential_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -213,36 +211,43 @@ impl ProxyError {
         }
     }
 
-    /// The JSON error envelope: OpenAI's, or Anthropic's for Anthropic's routes.
-    pub fn body(&self) -> Bytes {
-        if let Self::AnthropicApiNotServed { .. } = self {
-            let envelope = serde_json::json!({
-                "type": "error",
-                "error": {"type": "not_found_error", "message": self.to_string()},
-            });
-            return Bytes::from(envelope.to_string());
-        }
-        let envelope = Envelope {
-            error: ErrorBody {
-                message: self.to_string(),
-                kind: self.kind(),
-                param: self.param(),
-                code: self.code(),
-            },
+    /// The error body in the envelope of the app's API.
+    pub fn body(&self, dialect: Dialect) -> Bytes {
+        let message = self.to_string();
+        let value = match dialect {
+            Dialect::Messages => envelope::anthropic(
+                envelope::anthropic_error_type(self.status().as_u16()),
+                &message,
+            ),
+            Dialect::Chat | Dialect::Responses => {
+                envelope::openai(&message, self.kind(), self.param(), Some(self.code()))
+            }
         };
-        // Serializing plain strings cannot fail; fall back to a fixed body rather than panic.
-        serde_json::to_vec(&envelope)
-            .map(Bytes::from)
-            .unwrap_or_else(|_| Bytes::from_static(br#"{"error":{"message":"internal error","type":"llmesh_error","param":null,"code":"internal"}}"#))
+        // Serializing a Value into a Vec cannot fail.
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
     }
 
-    /// The same envelope as one Server-Sent Event, for failures after a stream has started.
-    pub fn sse_event(&self) -> Bytes {
-        let body = self.body();
-        let mut event = Vec::with_capacity(body.len() + 8);
-        event.extend_from_slice(b"data: ");
-        event.extend_from_slice(&body);
-        event.extend_from_slice(b"\n\n");
+    /// The error as one Server-Sent Event in the app's API, for failures after a stream has
+    /// started: a `data:` event carrying `error` for chat (the OpenAI SDKs raise it), the
+    /// `error` event for Anthropic's and the Responses API's streams.
+    pub fn sse_event(&self, dialect: Dialect) -> Bytes {
+        let mut event = Vec::new();
+        match dialect {
+            Dialect::Chat => sse::write_event(&mut event, None, &self.body(dialect)),
+            Dialect::Messages => sse::write_event(&mut event, Some("error"), &self.body(dialect)),
+            Dialect::Responses => {
+                let message = self.to_string();
+                let mut value =
+                    envelope::openai(&message, self.kind(), self.param(), Some(self.code()));
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("type".into(), "error".into());
+                    object.insert("code".into(), self.code().into());
+                    object.insert("message".into(), message.into());
+                    object.insert("param".into(), self.param().into());
+                }
+                sse::write_json_event(&mut event, Some("error"), &value);
+            }
+        }
         Bytes::from(event)
     }
 }
@@ -256,7 +261,7 @@ mod tests {
     #[test]
     fn envelope_matches_openai_shape() {
         let err = ProxyError::UnknownModel("gpt-9".into());
-        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&err.body(Dialect::Chat)).unwrap();
         assert_eq!(err.status(), StatusCode::NOT_FOUND);
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "model_not_found");
@@ -271,7 +276,7 @@ mod tests {
             what: "send response headers",
             limit: "5s".into(),
         };
-        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&err.body(Dialect::Chat)).unwrap();
         assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(v["error"]["type"], "llmesh_error");
         assert_eq!(
@@ -288,7 +293,7 @@ mod tests {
             value: Some(10000),
             retry_after: Duration::from_millis(2100),
         };
-        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&err.body(Dialect::Chat)).unwrap();
         assert_eq!(err.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(v["error"]["type"], "tokens");
         assert_eq!(v["error"]["code"], "rate_limit_exceeded");
@@ -301,7 +306,7 @@ mod tests {
     #[test]
     fn a_missing_endpoint_names_its_configmap() {
         let err = ProxyError::EndpointNotReady("embed".into());
-        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&err.body(Dialect::Chat)).unwrap();
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(v["error"]["type"], "llmesh_error");
         assert_eq!(v["error"]["code"], "endpoint_not_ready");
@@ -317,7 +322,7 @@ mod tests {
             endpoint: "chat".into(),
             reason: "reset".into(),
         }
-        .sse_event();
+        .sse_event(Dialect::Chat);
         assert!(event.starts_with(b"data: {\"error\":"));
         assert!(event.ends_with(b"}\n\n"));
     }

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod config;
 pub mod credentials;
+pub mod dialect;
 pub mod drain;
 pub mod error;
 pub mod limits;

@@ -53,6 +53,7 @@ pub struct Metrics {
     duration: HistogramVec,
     first_chunk: HistogramVec,
     tokens: HistogramVec,
+    cache_tokens: IntCounterVec,
     cost: CounterVec,
     attempts: IntCounterVec,
     retries: IntCounterVec,
@@ -93,6 +94,10 @@ pub struct TokenCount {
     pub output: u64,
     /// False when the response carried no `usage` and the counts are the sidecar's estimate.
     pub reported: bool,
+    /// Input tokens read from the provider's prompt cache (part of `input`).
+    pub cache_read: u64,
+    /// Input tokens written to the provider's prompt cache (part of `input`; Anthropic bills them apart).
+    pub cache_write: u64,
 }
 
 impl Metrics {
@@ -132,6 +137,13 @@ impl Metrics {
             )
             .buckets(TOKEN_BUCKETS.to_vec()),
             &["endpoint", "model", "operation", "provider", "token_type", "source"],
+        )?;
+        let cache_tokens = IntCounterVec::new(
+            Opts::new(
+                "llmesh_prompt_cache_tokens_total",
+                "Input tokens served from (kind=read) or written to (kind=write) the provider's prompt cache, as its usage reports them; they are also counted in gen_ai_client_token_usage's input.",
+            ),
+            &["endpoint", "model", "kind"],
         )?;
         let cost = CounterVec::new(
             Opts::new(
@@ -226,6 +238,7 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(first_chunk.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(cache_tokens.clone()))?;
         registry.register(Box::new(cost.clone()))?;
         registry.register(Box::new(attempts.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -247,6 +260,7 @@ impl Metrics {
             duration,
             first_chunk,
             tokens,
+            cache_tokens,
             cost,
             attempts,
             retries,
@@ -317,6 +331,13 @@ impl Metrics {
                     ])
                     .observe(count as f64);
             }
+            for (kind, count) in [("read", tokens.cache_read), ("write", tokens.cache_write)] {
+                if count > 0 {
+                    self.cache_tokens
+                        .with_label_values(&[c.endpoint, c.model, kind])
+                        .inc_by(count);
+                }
+            }
             if let Some(price) = r.price {
                 self.cost
                     .with_label_values(&[c.endpoint, c.model])
@@ -384,7 +405,7 @@ impl Metrics {
 /// `gen_ai.operation.name` for an API path under `/v1`.
 pub fn operation(api_path: &str) -> &'static str {
     match api_path {
-        "/chat/completions" => "chat",
+        "/chat/completions" | "/messages" => "chat",
         "/completions" => "text_completion",
         "/embeddings" => "embeddings",
         "/responses" => "generate_content",

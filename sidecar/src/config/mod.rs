@@ -43,7 +43,9 @@ pub struct EndpointConfig {
     pub provider: ProviderKind,
     /// The provider's API base, including any version prefix, e.g. `https://api.openai.com/v1`
     /// or `http://vllm.inference:8000/v1`. For Azure, the resource URL
-    /// (`https://NAME.openai.azure.com`). Defaults to OpenAI's for `openai`; unused by `mock`.
+    /// (`https://NAME.openai.azure.com`). For Anthropic, the API root without `/v1`, as in
+    /// `ANTHROPIC_BASE_URL`. Defaults to OpenAI's for `openai` and Anthropic's
+    /// (`https://api.anthropic.com`) for `anthropic`; unused by `mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(url)]
     pub base_url: Option<String>,
@@ -71,6 +73,15 @@ pub struct EndpointConfig {
     /// Mock provider settings; only for `provider: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockConfig>,
+    /// Anthropic settings; only for `provider: anthropic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic: Option<AnthropicConfig>,
+    /// How OpenAI's Responses API (`POST /v1/responses`) reaches this endpoint: `native` sends
+    /// it as it is, `translate` turns it into a chat completion and the answer back (for
+    /// servers that serve only chat: llama.cpp, many vLLM and Ollama versions). Defaults to
+    /// `native` for `openai` and `azure-openai`, `translate` for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responses: Option<ResponsesMode>,
     #[serde(default)]
     pub retry: RetryConfig,
     /// Other endpoints (by name) tried in order when this one's attempts end in a retryable
@@ -132,6 +143,9 @@ pub enum ProviderKind {
     OpenaiCompatible,
     /// Azure OpenAI: `api-key` header, deployment in the path, `api-version` query parameter.
     AzureOpenai,
+    /// Anthropic's Messages API: `x-api-key` header, `anthropic-version` header. Apps using
+    /// OpenAI's chat API are translated to it.
+    Anthropic,
     /// Built in: deterministic answers with no network and no key.
     Mock,
 }
@@ -142,6 +156,7 @@ impl ProviderKind {
             Self::Openai => "openai",
             Self::OpenaiCompatible => "openai-compatible",
             Self::AzureOpenai => "azure-openai",
+            Self::Anthropic => "anthropic",
             Self::Mock => "mock",
         }
     }
@@ -154,7 +169,8 @@ pub struct CredentialConfig {
     /// Path of the file holding the key. Surrounding whitespace is ignored. Re-read when it changes.
     pub file: PathBuf,
     /// Send the key as the raw value of this header instead of the provider's default
-    /// (`Authorization: Bearer <key>` for OpenAI-style providers, `api-key: <key>` for Azure).
+    /// (`Authorization: Bearer <key>` for OpenAI-style providers, `api-key: <key>` for Azure,
+    /// `x-api-key: <key>` for Anthropic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
 }
@@ -212,6 +228,51 @@ pub struct AzureConfig {
     /// The deployment name used in the path; defaults to `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnthropicConfig {
+    /// The `anthropic-version` header sent when the app sends none (apps using OpenAI's
+    /// SDK never do).
+    #[serde(default = "AnthropicConfig::default_version")]
+    pub version: String,
+}
+
+impl AnthropicConfig {
+    /// The version every current Anthropic SDK sends.
+    pub const DEFAULT_VERSION: &'static str = "2023-06-01";
+
+    fn default_version() -> String {
+        Self::DEFAULT_VERSION.to_string()
+    }
+}
+
+/// See [`EndpointConfig::responses`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResponsesMode {
+    Native,
+    Translate,
+}
+
+impl EndpointConfig {
+    /// The Responses API mode in effect: the configured one, else the provider's default.
+    pub fn responses_mode(&self) -> ResponsesMode {
+        self.responses.unwrap_or(match self.provider {
+            ProviderKind::Openai | ProviderKind::AzureOpenai => ResponsesMode::Native,
+            ProviderKind::OpenaiCompatible | ProviderKind::Anthropic | ProviderKind::Mock => {
+                ResponsesMode::Translate
+            }
+        })
+    }
+
+    /// The `anthropic-version` header value for this endpoint.
+    pub fn anthropic_version(&self) -> &str {
+        self.anthropic
+            .as_ref()
+            .map_or(AnthropicConfig::DEFAULT_VERSION, |a| a.version.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]

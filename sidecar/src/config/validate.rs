@@ -8,7 +8,8 @@ use std::fmt;
 
 use http::{HeaderName, Uri};
 
-use super::{EndpointConfig, LimitScope, ProviderKind, SidecarConfig};
+use super::{EndpointConfig, LimitScope, ProviderKind, ResponsesMode, SidecarConfig};
+use http::HeaderValue;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -367,6 +368,26 @@ fn validate_provider_fields(c: &mut Collector, at: &str, e: &EndpointConfig) {
             format!("only applies to provider azure-openai, not {provider}"),
         ),
         (None, _) => {}
+    }
+    match (&e.anthropic, e.provider) {
+        (Some(a), ProviderKind::Anthropic) if a.version.trim().is_empty() => {
+            c.fail(format!("{at}.anthropic.version"), "must not be empty")
+        }
+        (Some(a), ProviderKind::Anthropic) if HeaderValue::from_str(&a.version).is_err() => c.fail(
+            format!("{at}.anthropic.version"),
+            "cannot be sent as an HTTP header value",
+        ),
+        (Some(_), ProviderKind::Anthropic) | (None, _) => {}
+        (Some(_), _) => c.fail(
+            format!("{at}.anthropic"),
+            format!("only applies to provider anthropic, not {provider}"),
+        ),
+    }
+    if e.responses == Some(ResponsesMode::Native) && e.provider == ProviderKind::Anthropic {
+        c.fail(
+            format!("{at}.responses"),
+            "Anthropic has no Responses API; use translate (the default)",
+        );
     }
     if e.mock.is_some() && e.provider != ProviderKind::Mock {
         c.fail(

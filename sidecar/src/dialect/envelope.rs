@@ -32,7 +32,10 @@ pub fn openai(message: &str, error_type: &str, param: Option<&str>, code: Option
 /// for putting it into the other one. A body that is no known envelope gives its text.
 pub fn read(body: &[u8]) -> (String, Option<String>) {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return (String::from_utf8_lossy(body).chars().take(500).collect(), None);
+        return (
+            String::from_utf8_lossy(body).chars().take(500).collect(),
+            None,
+        );
     };
     let error = value.get("error").unwrap_or(&value);
     let message = error
@@ -42,7 +45,10 @@ pub fn read(body: &[u8]) -> (String, Option<String>) {
         .or_else(|| value.get("detail").and_then(Value::as_str))
         .map(str::to_string)
         .unwrap_or_else(|| value.to_string().chars().take(500).collect());
-    let kind = error.get("type").and_then(Value::as_str).map(str::to_string);
+    let kind = error
+        .get("type")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     (message, kind)
 }
 
@@ -66,7 +72,8 @@ mod tests {
 
     #[test]
     fn anthropic_errors_become_openai_errors_with_their_type_kept() {
-        let body = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let body =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(
             to_openai(529, body),
             json!({"error": {"message": "Overloaded", "type": "overloaded_error", "param": null, "code": "overloaded_error"}})
@@ -80,7 +87,13 @@ mod tests {
             to_anthropic(429, body),
             json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached"}})
         );
-        assert_eq!(to_anthropic(404, b"Not Found")["error"]["message"], "Not Found");
-        assert_eq!(to_anthropic(503, b"{\"detail\":\"busy\"}")["error"]["type"], "api_error");
+        assert_eq!(
+            to_anthropic(404, b"Not Found")["error"]["message"],
+            "Not Found"
+        );
+        assert_eq!(
+            to_anthropic(503, b"{\"detail\":\"busy\"}")["error"]["type"],
+            "api_error"
+        );
     }
 }

@@ -224,7 +224,10 @@ mod tests {
 
     #[test]
     fn an_event_without_its_blank_line_is_given_at_the_end() {
-        assert_eq!(events(&[b"data: [DONE]"]), vec![(None, "[DONE]".to_string())]);
+        assert_eq!(
+            events(&[b"data: [DONE]"]),
+            vec![(None, "[DONE]".to_string())]
+        );
         assert_eq!(events(&[b"event: ping\n\n"]), vec![]);
     }
 
@@ -242,12 +245,19 @@ mod tests {
     #[test]
     fn written_events_parse_back() {
         let mut out = Vec::new();
-        write_json_event(&mut out, Some("content_block_delta"), &serde_json::json!({"t": "a\nb"}));
+        write_json_event(
+            &mut out,
+            Some("content_block_delta"),
+            &serde_json::json!({"t": "a\nb"}),
+        );
         write_event(&mut out, None, b"[DONE]");
         assert_eq!(
             events(&[&out]),
             vec![
-                (Some("content_block_delta".to_string()), r#"{"t":"a\nb"}"#.to_string()),
+                (
+                    Some("content_block_delta".to_string()),
+                    r#"{"t":"a\nb"}"#.to_string()
+                ),
                 (None, "[DONE]".to_string())
             ]
         );

@@ -12,7 +12,7 @@ pub mod tokens;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName};
 use tokio::sync::Notify;
@@ -29,6 +29,14 @@ static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-rem
 static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
 static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static ANTHROPIC_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+static ANTHROPIC_RESET_REQUESTS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-reset");
+static ANTHROPIC_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static ANTHROPIC_RESET_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset");
 
 /// Give back leased units not used for this long, so that other sidecars may use them.
 const LEASE_IDLE_RETURN: Duration = Duration::from_secs(2);
@@ -589,7 +597,10 @@ impl Limiter {
     /// down before the provider starts refusing.
     pub fn observe_upstream(&self, headers: &HeaderMap) {
         let now = Instant::now();
-        let read = |remaining: &HeaderName, reset: &HeaderName| -> Option<Allowance> {
+        let read = |remaining: &HeaderName,
+                    reset: &HeaderName,
+                    parse_reset: &dyn Fn(&str) -> Option<Duration>|
+         -> Option<Allowance> {
             let remaining = headers
                 .get(remaining)?
                 .to_str()
@@ -604,8 +615,21 @@ impl Limiter {
                 reset_at: wait::after(now, reset),
             })
         };
-        let requests = read(&REMAINING_REQUESTS, &RESET_REQUESTS);
-        let tokens = read(&REMAINING_TOKENS, &RESET_TOKENS);
+        let anthropic_reset = |value: &str| parse_reset_at(value, SystemTime::now());
+        let requests = read(&REMAINING_REQUESTS, &RESET_REQUESTS, &parse_reset).or_else(|| {
+            read(
+                &ANTHROPIC_REMAINING_REQUESTS,
+                &ANTHROPIC_RESET_REQUESTS,
+                &anthropic_reset,
+            )
+        });
+        let tokens = read(&REMAINING_TOKENS, &RESET_TOKENS, &parse_reset).or_else(|| {
+            read(
+                &ANTHROPIC_REMAINING_TOKENS,
+                &ANTHROPIC_RESET_TOKENS,
+                &anthropic_reset,
+            )
+        });
         if requests.is_none() && tokens.is_none() {
             return;
         }
@@ -703,6 +727,18 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
         rest = &rest[unit_len..];
     }
     wait::from_secs_f64(total)
+}
+
+/// Anthropic's reset times: the RFC 3339 instant the allowance is full again, as a wait from
+/// `now` (zero if it is past). At most [`wait::MAX_WAIT`].
+pub fn parse_reset_at(value: &str, now: SystemTime) -> Option<Duration> {
+    let at =
+        time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    let since_epoch = Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?);
+    let at = std::time::UNIX_EPOCH.checked_add(since_epoch)?;
+    let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
+    Some(wait.min(wait::MAX_WAIT))
 }
 
 /// A waiter's place in the queue; leaving early (timeout, the app went away) gives it up.

@@ -260,6 +260,56 @@ fn reset_durations_in_openai_format() {
 }
 
 #[test]
+fn anthropic_reset_instants_become_waits() {
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    // 2023-11-14T22:13:20Z is the unix second 1_700_000_000.
+    assert_eq!(
+        parse_reset_at("2023-11-14T22:13:30Z", now),
+        Some(Duration::from_secs(10))
+    );
+    assert_eq!(
+        parse_reset_at("2023-11-14T23:13:25+01:00", now),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        parse_reset_at("2023-11-14T22:00:00Z", now),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(
+        parse_reset_at("2999-01-01T00:00:00Z", now),
+        Some(wait::MAX_WAIT)
+    );
+    assert_eq!(parse_reset_at("in a minute", now), None);
+}
+
+#[tokio::test]
+async fn anthropic_rate_limit_headers_are_observed() {
+    let limiter = Limiter::new("claude", &LimitsConfig::default());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "anthropic-ratelimit-requests-remaining",
+        "0".parse().unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let soon = time::OffsetDateTime::from_unix_timestamp(now as i64 + 30).unwrap();
+    let soon = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        soon.year(),
+        u8::from(soon.month()),
+        soon.day(),
+        soon.hour(),
+        soon.minute(),
+        soon.second()
+    );
+    headers.insert("anthropic-ratelimit-requests-reset", soon.parse().unwrap());
+    limiter.observe_upstream(&headers);
+    assert!(limiter.lock().upstream_requests.is_some());
+}
+
+#[test]
 fn reset_durations_that_would_overflow_are_capped() {
     let huge_digits = "9".repeat(400);
     for huge in [

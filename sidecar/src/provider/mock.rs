@@ -1,5 +1,6 @@
-//! The built-in mock provider: deterministic OpenAI-format answers with no network and no
-//! key, for local development, `dev` environments that must spend nothing, and tests.
+//! The built-in mock provider: deterministic OpenAI-format (and, in [`messages`],
+//! Anthropic-format) answers with no network and no key, for local development, `dev`
+//! environments that must spend nothing, and tests.
 //!
 //! The same prompt always gets the same text; `usage` counts what was sent and returned
 //! the way a provider would (about four characters a token for prompts, one word a token
@@ -19,6 +20,8 @@ use tokio::time::Sleep;
 
 use crate::config::MockConfig;
 use crate::error::ProxyError;
+
+mod messages;
 
 const VOCABULARY: &[&str] = &[
     "the",
@@ -123,6 +126,13 @@ pub fn respond(
             &format!("cmpl-{id_suffix}"),
         )),
         "/embeddings" => embeddings(&request, model, config),
+        "/messages" => Ok(messages::message(
+            &request,
+            model,
+            config,
+            &format!("msg_{id_suffix}"),
+        )),
+        "/messages/count_tokens" => Ok(messages::count_tokens(&request)),
         other => Err(ProxyError::NotImplementedByMock(format!("/v1{other}"))),
     }
 }
@@ -431,12 +441,18 @@ pub struct MockStream {
 }
 
 impl MockStream {
+    /// OpenAI's form: unnamed `data:` events, then `[DONE]`.
     fn new(chunks: Vec<Value>, interval: Duration) -> Self {
         let mut events: VecDeque<Bytes> = chunks
             .iter()
             .map(|c| Bytes::from(format!("data: {c}\n\n")))
             .collect();
         events.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        Self::of_events(events, interval)
+    }
+
+    /// Events already in their wire form.
+    fn of_events(events: VecDeque<Bytes>, interval: Duration) -> Self {
         Self {
             events,
             interval,

@@ -1,5 +1,6 @@
 //! What differs between providers: where a request goes and how the key is sent
-//! (see [`crate::credentials`]). Apps always speak OpenAI's paths (`/v1/...`) to the sidecar.
+//! (see [`crate::credentials`]). Apps speak OpenAI's or Anthropic's paths (`/v1/...`) to the
+//! sidecar; which API an endpoint is sent is [`crate::dialect`]'s business.
 
 pub mod mock;
 
@@ -9,6 +10,8 @@ use http::Uri;
 use crate::config::{EndpointConfig, ProviderKind};
 
 const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+/// Anthropic's base URL is the API root: its SDKs add `/v1/...` themselves.
+const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
 /// Operations that Azure OpenAI scopes to a deployment (`/openai/deployments/{name}/...`).
 const AZURE_DEPLOYMENT_OPERATIONS: &[&str] = &[
@@ -34,6 +37,8 @@ pub fn accepts_stream_options(endpoint: &EndpointConfig) -> bool {
             .as_ref()
             .is_some_and(|a| a.api_version.as_str() >= AZURE_STREAM_OPTIONS_SINCE),
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => true,
+        // Its streams always carry usage.
+        ProviderKind::Anthropic => false,
     }
 }
 
@@ -42,7 +47,8 @@ pub fn accepts_stream_options(endpoint: &EndpointConfig) -> bool {
 pub struct Target {
     scheme: Scheme,
     authority: Authority,
-    /// The base URL's path without a trailing slash, e.g. `/v1` or empty.
+    /// The base URL's path without a trailing slash, e.g. `/v1` or empty; for Anthropic,
+    /// with the `/v1` its base URL leaves out.
     base_path: String,
     azure: Option<AzureTarget>,
 }
@@ -71,16 +77,20 @@ impl Target {
             (ProviderKind::Mock, _) => return Ok(None),
             (_, Some(url)) => url,
             (ProviderKind::Openai, None) => OPENAI_BASE_URL,
+            (ProviderKind::Anthropic, None) => ANTHROPIC_BASE_URL,
             (_, None) => return Err(fail("missing")),
         };
         let uri: Uri = base.parse().map_err(|_| fail("not a URL"))?;
         let parts = uri.into_parts();
         let scheme = parts.scheme.ok_or_else(|| fail("no scheme"))?;
         let authority = parts.authority.ok_or_else(|| fail("no host"))?;
-        let base_path = parts
+        let mut base_path = parts
             .path_and_query
             .map(|pq| pq.path().trim_end_matches('/').to_string())
             .unwrap_or_default();
+        if endpoint.provider == ProviderKind::Anthropic {
+            base_path.push_str("/v1");
+        }
         let azure = endpoint.azure.as_ref().map(|a| AzureTarget {
             deployment: a
                 .deployment
@@ -198,6 +208,30 @@ mod tests {
         assert!(accepts_stream_options(&endpoint(
             "{name: a, provider: openai-compatible, model: m, baseUrl: 'http://x/v1'}"
         )));
+    }
+
+    #[test]
+    fn anthropic_takes_the_api_root_like_its_sdks() {
+        let default = Target::for_endpoint(&endpoint(
+            "{name: a, provider: anthropic, model: claude, credential: {file: /k}}",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            default.uri("/messages", None).unwrap(),
+            "https://api.anthropic.com/v1/messages"
+        );
+        let proxied = Target::for_endpoint(&endpoint(
+            "{name: a, provider: anthropic, model: claude, baseUrl: 'http://gw:8080/anthropic/', credential: {file: /k}}",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            proxied
+                .uri("/messages/count_tokens", Some("beta=true"))
+                .unwrap(),
+            "http://gw:8080/anthropic/v1/messages/count_tokens?beta=true"
+        );
     }
 
     #[test]

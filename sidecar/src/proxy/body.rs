@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +17,10 @@ use tokio::time::{Instant, Sleep};
 use super::log::{Outcome, RequestLog};
 use super::usage::UsageTap;
 use super::usage_strip::UsageChunkStripper;
+use crate::dialect::sse::TranslatingStream;
+use crate::dialect::Dialect;
 use crate::drain;
+use crate::snapshot::Endpoint;
 use crate::error::ProxyError;
 use crate::limits::Permit;
 use crate::metrics::TokenCount;
@@ -30,6 +34,8 @@ pub enum BodyKind {
     Full(Option<Bytes>),
     Mock(MockStream),
     Upstream(UpstreamBody),
+    /// A stream in the endpoint's API, handed on in the app's.
+    Translated(Box<TranslatedBody>),
 }
 
 impl BodyKind {
@@ -95,6 +101,8 @@ impl ResponseBody {
                     input: u.prompt_tokens,
                     output: u.completion_tokens,
                     reported: true,
+                    cache_read: u.cache_read_tokens,
+                    cache_write: u.cache_write_tokens,
                 }),
                 // No usage (a stream without `stream_options.include_usage`): the prompt as
                 // counted at admission and one token per streamed chunk.
@@ -102,6 +110,8 @@ impl ResponseBody {
                     input: prompt,
                     output: chunks.unwrap_or(0),
                     reported: false,
+                    cache_read: 0,
+                    cache_write: 0,
                 }),
                 (None, _) => None,
             };
@@ -141,16 +151,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
-            let polled = match &mut this.kind {
-                BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-                BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
-                    Poll::Ready(frame) => {
-                        Poll::Ready(frame.map(|f| f.map_err(|never| match never {})))
-                    }
-                    Poll::Pending => Poll::Pending,
-                },
-                BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
-            };
+            let polled = poll_kind(&mut this.kind, cx);
             if let Poll::Ready(Some(Ok(frame))) = &polled {
                 if let Some(data) = frame.data_ref() {
                     if this.log.first_chunk_after.is_none() && !data.is_empty() {
@@ -207,6 +208,7 @@ impl Body for ResponseBody {
             BodyKind::Full(None) => SizeHint::with_exact(0),
             BodyKind::Mock(m) => m.size_hint(),
             BodyKind::Upstream(u) => u.inner.size_hint(),
+            BodyKind::Translated(_) => SizeHint::default(),
         }
     }
 }
@@ -222,17 +224,99 @@ impl ResponseBody {
     }
 
     fn kind_is_end_stream(&self) -> bool {
-        match &self.kind {
-            BodyKind::Full(bytes) => bytes.is_none(),
-            BodyKind::Mock(m) => m.is_end_stream(),
-            BodyKind::Upstream(u) => u.is_end_stream(),
-        }
+        kind_is_end_stream(&self.kind)
     }
 
     fn ended_outcome(&self) -> Outcome {
-        match &self.kind {
-            BodyKind::Upstream(u) => u.failure.unwrap_or(Outcome::Completed),
-            _ => Outcome::Completed,
+        ended_outcome(&self.kind)
+    }
+}
+
+fn poll_kind(
+    kind: &mut BodyKind,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    match kind {
+        BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        BodyKind::Mock(stream) => match Pin::new(stream).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(|never| match never {}))),
+            Poll::Pending => Poll::Pending,
+        },
+        BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
+        BodyKind::Translated(translated) => translated.poll(cx),
+    }
+}
+
+fn kind_is_end_stream(kind: &BodyKind) -> bool {
+    match kind {
+        BodyKind::Full(bytes) => bytes.is_none(),
+        BodyKind::Mock(m) => m.is_end_stream(),
+        BodyKind::Upstream(u) => u.is_end_stream(),
+        BodyKind::Translated(t) => t.done,
+    }
+}
+
+fn ended_outcome(kind: &BodyKind) -> Outcome {
+    match kind {
+        BodyKind::Upstream(u) => u.failure.unwrap_or(Outcome::Completed),
+        BodyKind::Translated(t) => ended_outcome(&t.inner),
+        _ => Outcome::Completed,
+    }
+}
+
+/// A stream translated event by event: each upstream frame is handed on as soon as the
+/// events it completes are translated; only a partial event is held.
+pub struct TranslatedBody {
+    inner: BodyKind,
+    stream: TranslatingStream,
+    /// The inner body ended and the translator's last events were given.
+    done: bool,
+}
+
+impl TranslatedBody {
+    pub fn new(inner: BodyKind, stream: TranslatingStream) -> Self {
+        Self {
+            inner,
+            stream,
+            done: false,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            return match poll_kind(&mut self.inner, cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => match self.stream.push(&data) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
+                        Err(error) => {
+                            // An upstream event that never ends: cut off, as a body that
+                            // breaks is, rather than held in memory.
+                            self.done = true;
+                            tracing::warn!(%error, "upstream stream could not be translated");
+                            Poll::Ready(Some(Err(error.into())))
+                        }
+                    },
+                    Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+                },
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let last = self.stream.finish();
+                    if last.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(Bytes::from(last)))))
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(error)))
+                }
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }
@@ -240,7 +324,7 @@ impl ResponseBody {
 /// The body of an upstream response, with the idle-gap and total deadlines applied.
 ///
 /// When the upstream fails or stalls mid-response, a Server-Sent Events stream is ended
-/// cleanly with a final error event in OpenAI's envelope (SDKs raise it as an APIError);
+/// cleanly with a final error event in its API's envelope (SDKs raise it as an APIError);
 /// any other body is cut off, so the app sees a truncated response rather than a
 /// well-formed but incomplete one.
 pub struct UpstreamBody {
@@ -255,6 +339,8 @@ pub struct UpstreamBody {
     tail: [u8; 2],
     /// Masks the endpoint's key if the upstream echoes it.
     redactor: Option<BodyRedactor>,
+    /// The API of the stream, for the error event that ends it early.
+    dialect: Dialect,
     /// Trailers that arrived while the redactor held bytes back: sent after those bytes.
     pending_trailers: Option<Box<http::HeaderMap>>,
     /// The shutdown grace period running out ends the response cleanly.
@@ -264,26 +350,31 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// The body of `endpoint`'s response, in `dialect`'s API (a stream if `sse`).
     pub fn new(
         inner: Incoming,
-        endpoint: &str,
+        endpoint: &Endpoint,
         sse: bool,
-        idle: Duration,
         deadline: Instant,
-        total_limit: Duration,
-        redactor: Option<BodyRedactor>,
+        dialect: Dialect,
     ) -> Self {
+        let timeouts = &endpoint.config.timeouts;
+        let idle = timeouts.idle.get();
+        let redactor = endpoint
+            .credential()
+            .map(|credential| BodyRedactor::new(Arc::clone(credential.pattern())));
         let first_alarm = wait::after(Instant::now(), idle).min(deadline);
         Self {
             inner,
-            endpoint: endpoint.to_string(),
+            endpoint: endpoint.name().to_string(),
             sse,
             idle,
             deadline,
-            total_limit,
+            total_limit: timeouts.total.get(),
             timer: Box::pin(tokio::time::sleep_until(first_alarm)),
             tail: *b"\n\n",
             redactor,
+            dialect,
             pending_trailers: None,
             grace_ends: Box::pin(drain::grace_ends()),
             finished: false,
@@ -317,7 +408,7 @@ impl UpstreamBody {
         if !self.sse {
             return Poll::Ready(Some(Err(error.into())));
         }
-        let event = error.sse_event();
+        let event = error.sse_event(self.dialect);
         let at_boundary = &self.tail == b"\n\n";
         let mut bytes = Vec::with_capacity(event.len() + 2);
         if !at_boundary {

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::forward::{self, UpstreamCall};
 use super::json::RequestJson;
 use super::CallIds;
+use crate::dialect::{self, Plan};
 use crate::error::ProxyError;
 use crate::limits::tokens::{self, Prompt};
 use crate::limits::{LimitError, Permit, Reservation};
@@ -249,17 +250,34 @@ async fn send_once(
     upstream: &Upstream,
     deadline: Instant,
 ) -> Result<Response<Incoming>, ProxyError> {
+    let mut api_path = call.api_path;
     let (body, content_length): (UpstreamRequestBody, Option<u64>) = match &mut call.body {
         CallBody::Json {
             bytes,
             json,
             ask_usage,
         } => {
-            let ask_usage = *ask_usage && provider::accepts_stream_options(&endpoint.config);
-            let rewritten =
-                Bytes::from(json.with_model(&endpoint.config.model, ask_usage, bytes.len()));
-            let len = rewritten.len() as u64;
-            (Either::Left(Full::new(rewritten)), Some(len))
+            let config = &endpoint.config;
+            let body = match dialect::plan(call.api_path, config) {
+                Plan::Native => {
+                    let ask_usage = *ask_usage && provider::accepts_stream_options(config);
+                    json.with_model(&config.model, ask_usage, bytes.len())
+                }
+                Plan::Translated(translation) => {
+                    api_path = translation.upstream_route();
+                    translation
+                        .request(bytes, &config.model)
+                        .map_err(|source| ProxyError::Untranslatable {
+                            endpoint: endpoint.name().to_string(),
+                            provider: config.provider.as_str(),
+                            source,
+                        })?
+                }
+                Plan::NotServed => return Err(not_served(endpoint, &call.parts.method, api_path)),
+            };
+            let body = Bytes::from(body);
+            let len = body.len() as u64;
+            (Either::Left(Full::new(body)), Some(len))
         }
         CallBody::Empty => (Either::Left(Full::new(Bytes::new())), None),
         CallBody::Stream(body, len) => match body.take() {
@@ -275,7 +293,7 @@ async fn send_once(
         endpoint,
         upstream,
         parts: call.parts,
-        api_path: call.api_path,
+        api_path,
         body,
         content_length,
         request_id: call.ids.request_id,
@@ -283,6 +301,20 @@ async fn send_once(
         deadline,
     })
     .await
+}
+
+/// The endpoint's provider has no such API (Anthropic has no embeddings) and no translation
+/// reaches it.
+pub fn not_served(endpoint: &Endpoint, method: &http::Method, api_path: &str) -> ProxyError {
+    let provider = endpoint.config.provider.as_str();
+    ProxyError::RouteNotServed {
+        endpoint: endpoint.name().to_string(),
+        provider,
+        route: format!("{method} /v1{api_path}"),
+        detail: format!(
+            "the {provider} API has no such operation. Send this request to an endpoint whose provider has it."
+        ),
+    }
 }
 
 /// Takes a retry from the endpoint's budget; checked last, so only a retry that will

@@ -9,6 +9,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::config::{EndpointConfig, ProviderKind};
 use crate::error::ProxyError;
 use crate::snapshot::{CredentialState, Endpoint, Upstream};
 use crate::trace::TRACEPARENT;
@@ -97,6 +98,7 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
     }
     headers.insert(super::REQUEST_ID.clone(), call.request_id.clone());
     headers.insert(TRACEPARENT.clone(), call.traceparent.clone());
+    set_anthropic_headers(&mut headers, &call.endpoint.config);
 
     let mut request = Request::new(call.body);
     *request.method_mut() = call.parts.method.clone();
@@ -129,6 +131,25 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
         credential.pattern().redact_headers(&mut parts.headers);
     }
     Ok(Response::from_parts(parts, body))
+}
+
+static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+
+/// Anthropic's API needs `anthropic-version`: the app's own (its SDK's) is kept, else the
+/// endpoint's is sent. Other providers are not sent Anthropic's headers, which an app
+/// translated from Anthropic's SDK still sends.
+fn set_anthropic_headers(headers: &mut HeaderMap, endpoint: &EndpointConfig) {
+    if endpoint.provider != ProviderKind::Anthropic {
+        headers.remove(&ANTHROPIC_VERSION);
+        headers.remove(&ANTHROPIC_BETA);
+        return;
+    }
+    if !headers.contains_key(&ANTHROPIC_VERSION) {
+        if let Ok(version) = HeaderValue::from_str(endpoint.anthropic_version()) {
+            headers.insert(ANTHROPIC_VERSION.clone(), version);
+        }
+    }
 }
 
 fn upstream_request_headers(app: &HeaderMap, also_dropped: &[HeaderName]) -> HeaderMap {
@@ -252,6 +273,35 @@ mod tests {
             kept,
             ["content-type", "openai-organization", "x-stainless-lang"]
         );
+    }
+
+    fn endpoint(yaml: &str) -> EndpointConfig {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn anthropic_gets_its_version_header_and_others_none_of_anthropics() {
+        let claude = endpoint("{name: c, provider: anthropic, model: m, credential: {file: /k}}");
+        let mut headers = HeaderMap::new();
+        set_anthropic_headers(&mut headers, &claude);
+        assert_eq!(headers["anthropic-version"], "2023-06-01");
+
+        let pinned = endpoint(
+            "{name: c, provider: anthropic, model: m, credential: {file: /k}, anthropic: {version: '2024-01-01'}}",
+        );
+        let mut headers = HeaderMap::new();
+        set_anthropic_headers(&mut headers, &pinned);
+        assert_eq!(headers["anthropic-version"], "2024-01-01");
+        // The app's SDK knows which version it speaks.
+        headers.insert("anthropic-version", HeaderValue::from_static("2099-01-01"));
+        set_anthropic_headers(&mut headers, &pinned);
+        assert_eq!(headers["anthropic-version"], "2099-01-01");
+
+        let local =
+            endpoint("{name: l, provider: openai-compatible, model: m, baseUrl: 'http://x/v1'}");
+        headers.insert("anthropic-beta", HeaderValue::from_static("x"));
+        set_anthropic_headers(&mut headers, &local);
+        assert!(headers.is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The data path: one app request in, one response out.
 //!
 //! `handle` → request id → route by path → read and parse the body (JSON routes) → select
-//! the endpoint → answer from the mock or forward upstream → response headers and log.
+//! the endpoint → answer from the mock or forward upstream (translated into the endpoint's
+//! API and back when it is not the app's, see [`crate::dialect`]) → response headers and log.
 //! `dispatch` runs the call across the endpoint and its fallbacks, with retries and limits.
 
 mod body;
@@ -26,7 +27,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use body::ResponseBody;
-use body::{Accounting, BodyKind, UpstreamBody};
+use body::{Accounting, BodyKind, TranslatedBody, UpstreamBody};
 use dispatch::CallBody;
 use json::RequestJson;
 use log::{Observers, RequestLog};
@@ -35,6 +36,7 @@ use usage::UsageTap;
 use usage_strip::UsageChunkStripper;
 
 use crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES;
+use crate::dialect::{self, Dialect, Plan, Translation};
 use crate::error::{ProxyError, JSON};
 use crate::metrics::Metrics;
 use crate::provider::mock::{self, MockResponse};
@@ -52,9 +54,9 @@ pub static LLMESH_ATTEMPTS: HeaderName = HeaderName::from_static("x-llmesh-attem
 pub static LLMESH_LIMIT: HeaderName = HeaderName::from_static("x-llmesh-limit");
 static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 
-/// Anthropic's Messages API, which the sidecar does not serve yet: answered in Anthropic's
-/// own error format, so that its SDKs show the message instead of a generic failure.
-const ANTHROPIC_ROUTES: &[&str] = &["/messages", "/messages/count_tokens", "/complete"];
+/// The largest JSON answer read whole to be translated into the app's API (answers are
+/// a model's output: far smaller).
+const TRANSLATED_BODY_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Error bodies read to tell "this server has no such route" from a real API error.
 const ROUTE_ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -62,16 +64,20 @@ const ROUTE_ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// Routes whose streams carry usage only when asked (`stream_options.include_usage`).
 const USAGE_IN_STREAMS_ROUTES: &[&str] = &["/chat/completions", "/completions"];
 
-/// Routes whose JSON body is read to select the endpoint and rewrite `model`.
+/// Routes whose JSON body is read to select the endpoint and rewrite `model` (and to
+/// translate it, when the endpoint speaks another API).
 const JSON_ROUTES: &[&str] = &[
     "/chat/completions",
     "/completions",
     "/embeddings",
     "/responses",
+    "/messages",
+    "/messages/count_tokens",
 ];
 
 pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Response<ResponseBody> {
     let (request_id, upstream_replacement) = request_ids(&request);
+    let error_dialect = Dialect::of_errors(request.uri().path());
     let trace = TraceContext::from_request(request.headers());
     let request_id_text = request_id.to_str().unwrap_or("-").to_string();
     let span = tracing::info_span!(
@@ -105,7 +111,7 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
         Ok(served) => served,
         Err(failure) => {
             log.error_code = Some(failure.error.code());
-            failure.into_served()
+            failure.into_served(error_dialect)
         }
     };
     let Served {
@@ -173,9 +179,9 @@ impl Failure {
         }
     }
 
-    fn into_served(self) -> Served {
+    fn into_served(self, dialect: Dialect) -> Served {
         Served {
-            response: error_response(&self.error),
+            response: error_response(&self.error, dialect),
             endpoint: self.endpoint,
             attempts: self.attempts,
             accounting: None,
@@ -233,17 +239,6 @@ async fn route(
         }
         (&Method::POST, p) if JSON_ROUTES.contains(&p) => {
             json_call(snapshot, request, &api_path, ids, log).await
-        }
-        (&Method::POST, p) if ANTHROPIC_ROUTES.contains(&p) => {
-            let endpoint = endpoint_from_header(snapshot, request.headers())
-                .ok()
-                .flatten()
-                .or_else(|| snapshot.default_endpoint().cloned());
-            let error = ProxyError::AnthropicApiNotServed {
-                route: format!("POST /v1{p}"),
-                endpoint: endpoint.as_ref().map(|e| e.name().to_string()),
-            };
-            Err(Failure::new(error, endpoint))
         }
         _ => passthrough(snapshot, request, &api_path, ids, log).await,
     }
@@ -337,26 +332,10 @@ async fn json_call(
             attempts,
         } => {
             log.endpoint = Some(Arc::clone(&endpoint));
-            let Backend::Mock(config) = &endpoint.backend else {
-                return Err(Failure::new(ProxyError::NoEndpointSelected, Some(endpoint)));
-            };
-            let answer = mock::respond(
-                api_path,
-                &bytes,
-                &endpoint.config.model,
-                config,
-                ids.request_id.to_str().unwrap_or(""),
-            );
-            let answer = match answer {
+            let response = mock_answer(&endpoint, &parts.method, api_path, &bytes, ids).await;
+            let (response, sse) = match response {
                 Ok(answer) => answer,
                 Err(e) => return Err(Failure::new(e, Some(endpoint))),
-            };
-            if !config.latency.is_zero() {
-                tokio::time::sleep(config.latency.get()).await;
-            }
-            let (response, sse) = match answer {
-                MockResponse::Json(body) => (json_response(StatusCode::OK, body), false),
-                MockResponse::Stream(stream) => (sse_response(BodyKind::Mock(stream)), true),
             };
             Ok(Served {
                 response,
@@ -366,19 +345,24 @@ async fn json_call(
                     tap: UsageTap::new(sse),
                     permit: Some(permit),
                     success: true,
-                    strip_usage: None,
+                    strip_usage: (ask_usage && sse).then(UsageChunkStripper::default),
                 }),
             })
         }
         dispatch::Outcome::Upstream(answer) => {
             log.endpoint = Some(Arc::clone(&answer.endpoint));
+            if let Plan::Translated(translation) = dialect::plan(api_path, &answer.endpoint.config)
+            {
+                return translated_answer(answer, translation, &bytes, ask_usage).await;
+            }
             let answer = match route_missing_upstream(answer, &parts.method, api_path).await? {
                 Ok(answer) => answer,
                 Err(served) => return Ok(served),
             };
             let success = answer.response.status().is_success();
+            let wire = Dialect::of_route(api_path).unwrap_or(Dialect::Chat);
             let (mut response, sse) =
-                upstream_response(answer.response, &answer.endpoint, answer.deadline);
+                upstream_response(answer.response, &answer.endpoint, answer.deadline, wire);
             let strip_usage = ask_usage && sse;
             if strip_usage {
                 // The usage chunk comes out, so the upstream's length no longer holds.
@@ -452,8 +436,12 @@ async fn passthrough(
     .await?;
     match outcome {
         dispatch::Outcome::Upstream(answer) => {
-            let (response, _) =
-                upstream_response(answer.response, &answer.endpoint, answer.deadline);
+            let (response, _) = upstream_response(
+                answer.response,
+                &answer.endpoint,
+                answer.deadline,
+                Dialect::Chat,
+            );
             Ok(Served {
                 response,
                 endpoint: Some(answer.endpoint),
@@ -480,28 +468,158 @@ fn upstream_response(
     response: Response<Incoming>,
     endpoint: &Endpoint,
     deadline: Instant,
+    dialect: Dialect,
 ) -> (Response<BodyKind>, bool) {
     let sse = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let timeouts = &endpoint.config.timeouts;
-    let redactor = endpoint
-        .credential()
-        .map(|credential| BodyRedactor::new(Arc::clone(credential.pattern())));
-    let response = response.map(|body| {
-        BodyKind::Upstream(UpstreamBody::new(
-            body,
-            endpoint.name(),
-            sse,
-            timeouts.idle.get(),
-            deadline,
-            timeouts.total.get(),
-            redactor,
-        ))
-    });
+    let response = response
+        .map(|body| BodyKind::Upstream(UpstreamBody::new(body, endpoint, sse, deadline, dialect)));
     (response, sse)
+}
+
+/// The mock's answer to a JSON call, translated when the app's API is one the mock does not
+/// speak; true if it is a stream.
+async fn mock_answer(
+    endpoint: &Endpoint,
+    method: &Method,
+    api_path: &str,
+    app_request: &Bytes,
+    ids: &CallIds<'_>,
+) -> Result<(Response<BodyKind>, bool), ProxyError> {
+    let Backend::Mock(config) = &endpoint.backend else {
+        return Err(ProxyError::NoEndpointSelected);
+    };
+    let model = &endpoint.config.model;
+    let untranslatable = |source| ProxyError::Untranslatable {
+        endpoint: endpoint.name().to_string(),
+        provider: endpoint.config.provider.as_str(),
+        source,
+    };
+    let plan = dialect::plan(api_path, &endpoint.config);
+    let (mock_path, request) = match plan {
+        Plan::Native => (api_path, app_request.clone()),
+        Plan::Translated(t) => (
+            t.upstream_route(),
+            Bytes::from(t.request(app_request, model).map_err(untranslatable)?),
+        ),
+        Plan::NotServed => return Err(dispatch::not_served(endpoint, method, api_path)),
+    };
+    let request_id = ids.request_id.to_str().unwrap_or("");
+    let answer = mock::respond(mock_path, &request, model, config, request_id)?;
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency.get()).await;
+    }
+    Ok(match (answer, plan) {
+        (MockResponse::Json(body), Plan::Translated(t)) => {
+            let body = t.response(&body, app_request).map_err(|source| {
+                ProxyError::UpstreamAnswerUntranslatable {
+                    endpoint: endpoint.name().to_string(),
+                    provider: endpoint.config.provider.as_str(),
+                    source,
+                }
+            })?;
+            (json_response(StatusCode::OK, Bytes::from(body)), false)
+        }
+        (MockResponse::Json(body), _) => (json_response(StatusCode::OK, body), false),
+        (MockResponse::Stream(stream), Plan::Translated(t)) => {
+            let translated = TranslatedBody::new(BodyKind::Mock(stream), t.stream(app_request));
+            (
+                sse_response(BodyKind::Translated(Box::new(translated))),
+                true,
+            )
+        }
+        (MockResponse::Stream(stream), _) => (sse_response(BodyKind::Mock(stream)), true),
+    })
+}
+
+/// The endpoint's answer to a translated call, in the app's API: a stream is translated as
+/// it passes; a JSON answer or an error is read whole (it is the model's output, or an
+/// error), translated, and sent with the upstream's status.
+async fn translated_answer(
+    answer: dispatch::Answer,
+    translation: Translation,
+    app_request: &Bytes,
+    ask_usage: bool,
+) -> Result<Served, Failure> {
+    let dispatch::Answer {
+        response,
+        endpoint,
+        permit,
+        attempts,
+        deadline,
+    } = answer;
+    let success = response.status().is_success();
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let wire = translation.wire();
+    let body = UpstreamBody::new(body, &endpoint, sse, deadline, wire);
+    let streamed = sse && success;
+    let body = if streamed {
+        let translated =
+            TranslatedBody::new(BodyKind::Upstream(body), translation.stream(app_request));
+        BodyKind::Translated(Box::new(translated))
+    } else {
+        let read = Limited::new(body, TRANSLATED_BODY_LIMIT).collect().await;
+        let upstream = match read {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                let error = match e.downcast::<ProxyError>() {
+                    Ok(error) => *error,
+                    Err(other) => ProxyError::UpstreamBrokeMidResponse {
+                        endpoint: endpoint.name().to_string(),
+                        reason: other.to_string(),
+                    },
+                };
+                return Err(Failure {
+                    error,
+                    endpoint: Some(endpoint),
+                    attempts,
+                });
+            }
+        };
+        let translated = if success {
+            translation.response(&upstream, app_request)
+        } else {
+            Ok(translation.error(parts.status.as_u16(), &upstream))
+        };
+        match translated {
+            Ok(body) => {
+                parts.headers.insert(header::CONTENT_TYPE, JSON);
+                BodyKind::full(Bytes::from(body))
+            }
+            Err(source) => {
+                let error = ProxyError::UpstreamAnswerUntranslatable {
+                    endpoint: endpoint.name().to_string(),
+                    provider: endpoint.config.provider.as_str(),
+                    source,
+                };
+                return Err(Failure {
+                    error,
+                    endpoint: Some(endpoint),
+                    attempts,
+                });
+            }
+        }
+    };
+    Ok(Served {
+        response: Response::from_parts(parts, body),
+        endpoint: Some(endpoint),
+        attempts,
+        accounting: Some(Accounting {
+            tap: UsageTap::new(streamed),
+            permit,
+            success,
+            strip_usage: (ask_usage && streamed).then(UsageChunkStripper::default),
+        }),
+    })
 }
 
 /// An upstream that answers 404 or 405 to a JSON route, with anything but an API error
@@ -701,8 +819,8 @@ fn sse_response(body: BodyKind) -> Response<BodyKind> {
     response
 }
 
-fn error_response(error: &ProxyError) -> Response<BodyKind> {
-    let mut response = json_response(error.status(), error.body());
+fn error_response(error: &ProxyError, dialect: Dialect) -> Response<BodyKind> {
+    let mut response = json_response(error.status(), error.body(dialect));
     if let Some(wait) = error.retry_after() {
         let headers = response.headers_mut();
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;

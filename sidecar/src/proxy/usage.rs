@@ -16,8 +16,13 @@ const MAX_FINISH_REASON_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
+    /// All input tokens, cached or not.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Input tokens read from the provider's prompt cache (included in `prompt_tokens`).
+    pub cache_read_tokens: u64,
+    /// Input tokens written to the prompt cache (Anthropic; included in `prompt_tokens`).
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
@@ -26,26 +31,62 @@ impl Usage {
     }
 }
 
-/// Both naming schemes: Chat Completions (`prompt_tokens`) and Responses (`input_tokens`).
-#[derive(Deserialize)]
+/// Every naming scheme: Chat Completions (`prompt_tokens`, `prompt_tokens_details`),
+/// Responses (`input_tokens`, `input_tokens_details`) and Anthropic Messages (`input_tokens`
+/// without the cached tokens, which it reports apart).
+#[derive(Deserialize, Default)]
 struct WireUsage {
     #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
     #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    #[serde(alias = "input_tokens_details")]
+    prompt_tokens_details: Option<CachedDetails>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct CachedDetails {
+    cached_tokens: Option<u64>,
 }
 
 impl WireUsage {
     fn into_usage(self) -> Option<Usage> {
-        let prompt = self.prompt_tokens?;
+        self.merged_into(None)
+    }
+
+    /// This report over an earlier one of the same response: Anthropic's streams give the
+    /// input in `message_start` and the output in `message_delta`.
+    fn merged_into(self, earlier: Option<Usage>) -> Option<Usage> {
+        let anthropic_cache = self
+            .cache_read_input_tokens
+            .unwrap_or(0)
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0));
+        let prompt = match (self.prompt_tokens, earlier) {
+            (Some(p), _) => p.saturating_add(anthropic_cache),
+            (None, Some(e)) => e.prompt_tokens,
+            (None, None) => return None,
+        };
         let completion = self
             .completion_tokens
             .or_else(|| self.total_tokens.map(|t| t.saturating_sub(prompt)))
+            .or(earlier.map(|e| e.completion_tokens))
             .unwrap_or(0);
+        let cache_read = self
+            .cache_read_input_tokens
+            .or(self.prompt_tokens_details.and_then(|d| d.cached_tokens));
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
+            cache_read_tokens: cache_read
+                .or(earlier.map(|e| e.cache_read_tokens))
+                .unwrap_or(0),
+            cache_write_tokens: self
+                .cache_creation_input_tokens
+                .or(earlier.map(|e| e.cache_write_tokens))
+                .unwrap_or(0),
         })
     }
 }
@@ -175,7 +216,7 @@ fn inspect_line(
         return false;
     };
     let payload = payload.trim_ascii_start();
-    if payload == b"[DONE]" {
+    if payload == b"[DONE]" || payload.starts_with(br#"{"type":"message_stop""#) {
         return true;
     }
     *data_events = data_events.saturating_add(1);
@@ -188,6 +229,8 @@ fn inspect_line(
         usage: Option<WireUsage>,
         /// The Responses API nests it: `{"type":"response.completed","response":{"usage":…}}`.
         response: Option<Nested>,
+        /// Anthropic's `message_start`: `{"type":"message_start","message":{"usage":…}}`.
+        message: Option<Nested>,
     }
     #[derive(Deserialize)]
     struct Nested {
@@ -197,7 +240,8 @@ fn inspect_line(
         let found = event
             .usage
             .or(event.response.and_then(|r| r.usage))
-            .and_then(WireUsage::into_usage);
+            .or(event.message.and_then(|m| m.usage))
+            .and_then(|u| u.merged_into(*usage));
         if found.is_some() {
             *usage = found;
         }
@@ -214,12 +258,17 @@ fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
     values.next()?.ok()?.into_usage()
 }
 
-/// Every `"finish_reason":"…"` with a string value (streams send `null` until the end).
+/// Every `"finish_reason":"…"` (Anthropic: `"stop_reason":"…"`) with a string value
+/// (streams send `null` until the end).
 fn collect_finish_reasons(json: &[u8], out: &mut Vec<String>) {
-    const KEY: &[u8] = b"\"finish_reason\":";
+    collect_reasons(json, b"\"finish_reason\":", out);
+    collect_reasons(json, b"\"stop_reason\":", out);
+}
+
+fn collect_reasons(json: &[u8], key: &[u8], out: &mut Vec<String>) {
     let mut rest = json;
-    while let Some(at) = find(rest, KEY) {
-        rest = &rest[at + KEY.len()..];
+    while let Some(at) = find(rest, key) {
+        rest = &rest[at + key.len()..];
         let value = rest.trim_ascii_start();
         let Some(value) = value.strip_prefix(b"\"") else {
             continue;
@@ -272,7 +321,8 @@ mod tests {
                 tap.usage(),
                 Some(Usage {
                     prompt_tokens: 12,
-                    completion_tokens: 2
+                    completion_tokens: 2,
+                    ..Default::default()
                 }),
                 "split at {split}"
             );
@@ -296,7 +346,8 @@ mod tests {
             tap.usage(),
             Some(Usage {
                 prompt_tokens: 5,
-                completion_tokens: 7
+                completion_tokens: 7,
+                ..Default::default()
             })
         );
     }
@@ -316,7 +367,8 @@ mod tests {
             tap.usage(),
             Some(Usage {
                 prompt_tokens: 8,
-                completion_tokens: 0
+                completion_tokens: 0,
+                ..Default::default()
             })
         );
     }

@@ -74,7 +74,8 @@ impl RetryReason {
 pub fn retryable_status(status: StatusCode) -> Option<RetryReason> {
     match status.as_u16() {
         429 => Some(RetryReason::RateLimited),
-        500 | 502 | 503 | 504 => Some(RetryReason::ServerError),
+        // 529: Anthropic's `overloaded_error`.
+        500 | 502 | 503 | 504 | 529 => Some(RetryReason::ServerError),
         _ => None,
     }
 }
@@ -126,7 +127,7 @@ mod tests {
 
     #[test]
     fn only_transient_statuses_are_retried() {
-        for code in [429, 500, 502, 503, 504] {
+        for code in [429, 500, 502, 503, 504, 529] {
             assert!(
                 retryable_status(StatusCode::from_u16(code).unwrap()).is_some(),
                 "{code}"

@@ -123,12 +123,14 @@ fn expected(events: &[Event]) -> (Option<Usage>, Vec<String>) {
                 usage = Some(Usage {
                     prompt_tokens: *prompt,
                     completion_tokens: *completion,
+                    ..Default::default()
                 })
             }
             Event::ResponsesUsage { input, output } => {
                 usage = Some(Usage {
                     prompt_tokens: *input,
                     completion_tokens: *output,
+                    ..Default::default()
                 })
             }
             Event::Finish(reason) if !reasons.iter().any(|r| r == reason) => {
@@ -158,6 +160,7 @@ fn json_body() -> impl Strategy<Value = (Vec<u8>, Usage, &'static str)> {
             let usage = Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
+..Default::default()
             };
             (body.to_string().into_bytes(), usage, reason)
         })
