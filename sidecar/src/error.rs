@@ -202,11 +202,12 @@ impl ProxyError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
             Self::UnknownModel(_) | Self::NoEndpointSelected | Self::ModelNotAString(_) => {
                 Some("model")
             }
+            Self::Untranslatable { source, .. } => source.param(),
             _ => None,
         }
     }
@@ -267,6 +268,44 @@ mod tests {
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["param"], "model");
         assert!(v["error"]["message"].as_str().unwrap().contains("'gpt-9'"));
+    }
+
+    #[test]
+    fn anthropic_routes_get_anthropics_envelope_with_the_status_kept() {
+        let limited = ProxyError::RateLimited {
+            endpoint: "claude".into(),
+            limit: LimitKind::RequestsPerMinute,
+            value: Some(1),
+            retry_after: Duration::from_secs(2),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&limited.body(Dialect::Messages)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("claude"));
+        let event = limited.sse_event(Dialect::Messages);
+        assert!(event.starts_with(b"event: error\ndata: {"));
+        assert!(event.ends_with(b"}\n\n"));
+    }
+
+    #[test]
+    fn untranslatable_requests_name_the_parameter() {
+        let error = ProxyError::Untranslatable {
+            endpoint: "claude".into(),
+            provider: "anthropic",
+            source: TranslateError::Unsupported {
+                param: "n".into(),
+                why: "Anthropic returns one answer per request",
+            },
+        };
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+        let v: serde_json::Value = serde_json::from_slice(&error.body(Dialect::Chat)).unwrap();
+        assert_eq!(v["error"]["param"], "n");
+        assert_eq!(v["error"]["code"], "unsupported_parameter");
+        let responses = error.sse_event(Dialect::Responses);
+        let text = std::str::from_utf8(&responses).unwrap();
+        assert!(text.starts_with("event: error\ndata: {"), "{text}");
+        assert!(text.contains(r#""type":"error""#) && text.contains(r#""error":{"#));
     }
 
     #[test]

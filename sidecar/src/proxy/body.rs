@@ -20,12 +20,12 @@ use super::usage_strip::UsageChunkStripper;
 use crate::dialect::sse::TranslatingStream;
 use crate::dialect::Dialect;
 use crate::drain;
-use crate::snapshot::Endpoint;
 use crate::error::ProxyError;
 use crate::limits::Permit;
 use crate::metrics::TokenCount;
 use crate::provider::mock::MockStream;
 use crate::redact::BodyRedactor;
+use crate::snapshot::Endpoint;
 use crate::wait;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

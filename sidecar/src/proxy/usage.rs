@@ -99,7 +99,8 @@ pub enum UsageTap {
         usage: Option<Usage>,
         finish_reasons: Vec<String>,
         /// The stream's last event passed (`[DONE]`, or the Responses API's
-        /// `response.completed`): an app closing the connection after it is done, not gone.
+        /// `response.completed`/`incomplete`/`failed`, Anthropic's `message_stop`): an app
+        /// closing the connection after it is done, not gone.
         ended: bool,
     },
     Json {
@@ -246,7 +247,14 @@ fn inspect_line(
             *usage = found;
         }
     }
-    contains(payload, b"\"type\":\"response.completed\"")
+    // The Responses API ends with one of three events.
+    [
+        b"\"type\":\"response.completed\"".as_slice(),
+        b"\"type\":\"response.incomplete\"",
+        b"\"type\":\"response.failed\"",
+    ]
+    .iter()
+    .any(|end| contains(payload, end))
 }
 
 fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
@@ -336,6 +344,60 @@ mod tests {
         tap.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\ndata: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(tap.usage(), None);
         assert_eq!(tap.streamed_chunks(), Some(2));
+    }
+
+    #[test]
+    fn anthropic_usage_comes_in_two_events_and_counts_cached_input() {
+        let stream = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":2,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut tap = UsageTap::new(true);
+        tap.observe(stream.as_bytes());
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                prompt_tokens: 15,
+                completion_tokens: 7,
+                cache_read_tokens: 3,
+                cache_write_tokens: 2,
+            })
+        );
+        assert!(tap.stream_ended());
+        assert_eq!(tap.finish_reasons(), ["end_turn"]);
+
+        let mut json = UsageTap::new(false);
+        json.observe(br#"{"type":"message","stop_reason":"tool_use","usage":{"input_tokens":4,"cache_read_input_tokens":6,"output_tokens":2}}"#);
+        assert_eq!(
+            json.usage(),
+            Some(Usage {
+                prompt_tokens: 10,
+                completion_tokens: 2,
+                cache_read_tokens: 6,
+                cache_write_tokens: 0,
+            })
+        );
+    }
+
+    #[test]
+    fn openai_cached_tokens_are_part_of_the_prompt() {
+        let mut tap = UsageTap::new(false);
+        tap.observe(br#"{"usage":{"prompt_tokens":100,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":64}}}"#);
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                prompt_tokens: 100,
+                completion_tokens: 5,
+                cache_read_tokens: 64,
+                cache_write_tokens: 0,
+            })
+        );
     }
 
     #[test]
