@@ -172,7 +172,7 @@ def test_keys_never_reach_the_sidecar_s_log(client, dialects):
 def test_a_parameter_with_no_chat_equivalent_is_a_bad_request_error_naming_it(client):
     with pytest.raises(anthropic.BadRequestError) as raised:
         client.messages.create(
-            model="local", max_tokens=10, top_k=5, messages=[{"role": "user", "content": "hi"}]
+            model="local", max_tokens=10, extra_body={"top_k": 5}, messages=[{"role": "user", "content": "hi"}]
         )
     assert raised.value.status_code == 400
     assert raised.value.body["type"] == "error"

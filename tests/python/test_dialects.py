@@ -174,7 +174,7 @@ def test_an_anthropic_upstream_gets_its_key_and_version_and_never_the_app_s_key(
 def test_a_parameter_with_no_anthropic_equivalent_is_a_bad_request_error_naming_it(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="claude", n=2, messages=[{"role": "user", "content": "hi"}])
-    assert raised.value.param == "n", raised.value.message
+    assert "'n'" in raised.value.message
 
 
 def test_an_unknown_model_is_a_not_found_error(client):

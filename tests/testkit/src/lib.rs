@@ -1089,8 +1089,8 @@ impl Script {
         u64::try_from(len).ok()
     }
 
-    /// Chunk `i`, with `leak` as its text if given.
-    fn chunk(&self, i: u64, leak: Option<&str>) -> Bytes {
+    /// Chunk `i`, with `leak` as its text if given; `last` when no chunk follows it.
+    fn chunk(&self, i: u64, last: bool, leak: Option<&str>) -> Bytes {
         let Self::Text {
             dialect,
             model,
@@ -1115,7 +1115,12 @@ impl Script {
             (None, None) => text_piece(i),
         };
         match dialect {
-            Dialect::Chat => chat_chunk(model, serde_json::json!({"content": text}), None),
+            // Like OpenAI, the last chunk says why the answer ended.
+            Dialect::Chat => chat_chunk(
+                model,
+                serde_json::json!({"content": text}),
+                last.then_some("stop"),
+            ),
             Dialect::Anthropic => {
                 let mut events = if i == 0 {
                     anthropic_text_start(model)
@@ -1349,7 +1354,8 @@ fn stream_response(shared: &Arc<Shared>, plan: StreamPlan) -> Response<FakeBody>
                         tokio::time::sleep(plan.interval).await;
                     }
                     let leak = plan.leak.as_deref().filter(|_| plan.leak_at() == Some(i));
-                    let mut event = plan.script.chunk(i, leak);
+                    let last = i.saturating_add(1) == plan.chunks;
+                    let mut event = plan.script.chunk(i, last, leak);
                     state.sent = sent.saturating_add(1);
                     if let Some(key) = leak {
                         // In the middle of the key as written (JSON escaping may move it).

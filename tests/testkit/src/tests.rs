@@ -579,6 +579,24 @@ async fn chat_tools_are_called_in_parallel_whole_and_streamed() {
 }
 
 #[tokio::test]
+async fn the_last_text_chunk_has_the_finish_reason() {
+    let upstream = FakeUpstream::start().await.unwrap();
+    let answer = call(&upstream, &[(directives::STREAM_CHUNKS, "3")], true).await;
+    let reasons: Vec<_> = events(&answer.text())
+        .iter()
+        .filter_map(|(_, c)| c.pointer("/choices/0/finish_reason").cloned())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            "stop".into()
+        ]
+    );
+}
+
+#[tokio::test]
 async fn chat_tool_results_come_back_in_the_answer() {
     let upstream = FakeUpstream::start().await.unwrap();
     let mut body = serde_json::json!({
