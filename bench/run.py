@@ -114,10 +114,12 @@ class Scraper:
 
 
 class Target:
-    def __init__(self, name, url, pid=None):
+    def __init__(self, name, url, pid=None, body_file=None):
         self.name = name
         self.url = url
         self.pid = pid
+        # The request body, when it is not the chat body every other target gets.
+        self.body_file = body_file
 
 
 def start_fake_upstream(port):
@@ -139,6 +141,9 @@ SIDECARS = {
     "llmesh": (BARE, []),
     "llmesh-nometrics": (BARE, ["--metrics", "false"]),
     "llmesh-limits": (f"retry: {{maxAttempts: 3}}\n    limits: {{{UNTRIGGERED_LIMITS}}}", []),
+    # The same endpoint as llmesh, called with Anthropic's Messages API (/v1/messages):
+    # request and answer are translated to and from the upstream's chat completions.
+    "llmesh-translated": (BARE, []),
     "llmesh-redis": (
         "retry: {maxAttempts: 3}\n    limits: {" + UNTRIGGERED_LIMITS
         + ", scope: global, redis: {url: 'redis://127.0.0.1:REDIS_PORT'}}",
@@ -287,7 +292,8 @@ def main():
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rates", default="500,2000,0", help="0 means unlimited")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
-    parser.add_argument("--proxies", default=",".join([*SIDECARS, "nginx"]),
+    default_proxies = [n for n in SIDECARS if n != "llmesh-translated"]
+    parser.add_argument("--proxies", default=",".join([*default_proxies, "nginx"]),
                         help=f"which of {', '.join([*SIDECARS, 'nginx'])} to run")
     parser.add_argument("--baseline", metavar="BINARY",
                         help="another llmesh-sidecar build (say, of an older commit) to run side by side as "
@@ -306,6 +312,13 @@ def main():
     body_file = tmp / "body.json"
     body_file.write_text(json.dumps({
         "model": "chat",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 64,
+    }))
+    messages_body_file = tmp / "messages-body.json"
+    messages_body_file.write_text(json.dumps({
+        "model": "chat",
+        "system": "You are a helpful assistant.",
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": 64,
     }))
@@ -337,7 +350,11 @@ def main():
                 if name == "llmesh":
                     metrics_url = f"http://127.0.0.1:{admin_port}/metrics"
             procs.append(proc)
-            targets.append(Target(name, f"http://127.0.0.1:{port}{path}", proc.pid))
+            if name == "llmesh-translated":
+                targets.append(Target(name, f"http://127.0.0.1:{port}/v1/messages", proc.pid,
+                                      messages_body_file))
+            else:
+                targets.append(Target(name, f"http://127.0.0.1:{port}{path}", proc.pid))
         time.sleep(0.5)
         idle_rss = {t.name: memory_kb(t.pid, "VmRSS") for t in targets if t.pid}
         load_before = pathlib.Path("/proc/loadavg").read_text().split()[:3]
@@ -351,7 +368,8 @@ def main():
                     cpu0 = cpu_seconds(t.pid) if t.pid else (0, 0)
                     leases0 = redis_lease_calls(redis_port) if t.name == "llmesh-redis" else 0
                     scraper = Scraper(metrics_url) if t.name == "llmesh" and metrics_url else None
-                    raw = run_oha(args.oha, t.url, body_file, args.seconds, args.connections, rate)
+                    raw = run_oha(args.oha, t.url, t.body_file or body_file, args.seconds,
+                                  args.connections, rate)
                     if scraper:
                         scrape_ms.setdefault(str(rate), []).extend(scraper.stop())
                     s = summarize_oha(raw)
@@ -365,7 +383,8 @@ def main():
                         s["redis_calls_per_10k"] = (redis_lease_calls(redis_port) - leases0) / max(s["requests"], 1) * 10_000
                     results["rates"].setdefault(str(rate), {}).setdefault(t.name, []).append(s)
                     print(f"round {rnd} rate {rate or 'max'} {t.name}: {json.dumps(s)}", file=sys.stderr)
-            for t in order:
+            # The stream client speaks chat completions only.
+            for t in (t for t in order if t.body_file is None):
                 r = run_stream_bench(t.url, 100, 200, 5)
                 results["streaming"].setdefault(t.name, []).append(r)
                 print(f"round {rnd} streaming {t.name}: {json.dumps(r)}", file=sys.stderr)
