@@ -464,6 +464,38 @@ environments:
     }
 
     #[test]
+    fn anthropic_settings_render_and_stay_behind_when_an_environment_switches_provider() {
+        let spec = spec(
+            "
+provider: anthropic
+model: claude-sonnet-4-5
+secretRef: {name: anthropic, key: apiKey}
+anthropic: {version: '2023-06-01'}
+responses: translate
+environments:
+  dev: {provider: mock}
+",
+        );
+        let prod = render("claude", &spec, "prod").unwrap();
+        assert_eq!(prod.config.provider, ProviderKind::Anthropic);
+        assert_eq!(prod.config.anthropic_version(), "2023-06-01");
+        assert!(prod.config.anthropic.is_some());
+        let dev = render("claude", &spec, "dev").unwrap();
+        assert_eq!(dev.config.provider, ProviderKind::Mock);
+        assert_eq!(dev.config.anthropic, None);
+        assert_eq!(dev.config.responses, None);
+        let err = render("claude", &spec_without_key(), "prod").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment prod: credential: is required for provider anthropic"
+        );
+    }
+
+    fn spec_without_key() -> LlmEndpointSpec {
+        spec("{provider: anthropic, model: claude-sonnet-4-5}")
+    }
+
+    #[test]
     fn what_the_sidecar_would_reject_is_an_error_naming_the_field() {
         let err = render("chat", &spec("{provider: openai, model: gpt-4o}"), "prod").unwrap_err();
         assert_eq!(

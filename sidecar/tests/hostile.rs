@@ -369,11 +369,13 @@ async fn a_circuit_opened_by_timeouts_says_so_and_hints_a_short_retry() {
 #[tokio::test]
 async fn routes_an_endpoint_does_not_serve_are_named_in_the_dialect_s_envelope() {
     let upstream = FakeUpstream::start().await.unwrap();
-    let sidecar = sidecar_with_key(&upstream, "    default: true\n");
-    // Anthropic's SDK: an Anthropic-shaped 404 naming the route and the endpoint.
+    // `responses: native`: the server is trusted to have the Responses API, and does not.
+    let sidecar = sidecar_with_key(&upstream, "    default: true\n    responses: native\n");
+    // Anthropic's SDK counting tokens, which no chat server can: an Anthropic-shaped 404
+    // naming the route and the endpoint.
     let response = client()
-        .post(sidecar.url("/v1/messages"))
-        .json(&json!({"model": "claude-sonnet-4", "max_tokens": 10, "messages": []}))
+        .post(sidecar.url("/v1/messages/count_tokens"))
+        .json(&json!({"model": "claude-sonnet-4", "messages": []}))
         .send()
         .await
         .unwrap();
@@ -383,7 +385,7 @@ async fn routes_an_endpoint_does_not_serve_are_named_in_the_dialect_s_envelope()
     assert_eq!(body["error"]["type"], "not_found_error");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("POST /v1/messages") && message.contains("'chat'"),
+        message.contains("POST /v1/messages/count_tokens") && message.contains("'chat'"),
         "{message}"
     );
 

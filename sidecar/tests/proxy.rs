@@ -489,17 +489,21 @@ async fn mock_provider_serves_every_api_without_network() {
     assert_eq!(emb["data"].as_array().unwrap().len(), 3);
     assert_eq!(emb["data"][2]["embedding"].as_array().unwrap().len(), 4);
 
-    expect_error(
-        client()
-            .post(sidecar.url("/v1/responses"))
-            .json(&json!({"model": "chat", "input": "hi"}))
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_implemented",
-    )
-    .await;
+    // The Responses API, bridged to the mock's chat completions.
+    let response: Value = client()
+        .post(sidecar.url("/v1/responses"))
+        .json(&json!({"model": "chat", "input": "hi", "max_output_tokens": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["status"], "incomplete");
+    assert_eq!(response["usage"]["output_tokens"], 3);
+    let text = response["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(text.split(' ').count(), 3);
 }
 
 #[tokio::test]

@@ -331,10 +331,11 @@ fn validate_provider_fields(c: &mut Collector, at: &str, e: &EndpointConfig) {
         (None, _) => {}
     }
     match (&e.credential, e.provider) {
-        (None, ProviderKind::Openai | ProviderKind::AzureOpenai) => c.fail(
-            format!("{at}.credential"),
-            format!("is required for provider {provider}"),
-        ),
+        (None, ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::Anthropic) => c
+            .fail(
+                format!("{at}.credential"),
+                format!("is required for provider {provider}"),
+            ),
         (Some(_), ProviderKind::Mock) => c.fail(
             format!("{at}.credential"),
             "the mock provider takes no credential; remove it",

@@ -31,6 +31,7 @@
 use serde_json::{json, Map, Value};
 
 use super::stop_reason::{to_finish_reason, to_stop_reason};
+use super::usage;
 use super::TranslateError;
 
 /// The `max_tokens` given to Anthropic for an OpenAI request that sets no limit: Anthropic
@@ -988,30 +989,8 @@ pub fn messages_response_to_chat(response: &Value, created: u64) -> Result<Value
             "logprobs": null,
             "finish_reason": to_finish_reason(stop_reason),
         }],
-        "usage": chat_usage(response.get("usage")),
+        "usage": usage::to_openai(response.get("usage").unwrap_or(&Value::Null)),
     }))
-}
-
-/// Anthropic counts cached prompt tokens apart from `input_tokens`; OpenAI counts them in
-/// `prompt_tokens` and says how many were cached.
-fn chat_usage(usage: Option<&Value>) -> Value {
-    let count = |key: &str| {
-        usage
-            .and_then(|usage| usage.get(key))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    let cache_read = count("cache_read_input_tokens");
-    let prompt = count("input_tokens")
-        .saturating_add(count("cache_creation_input_tokens"))
-        .saturating_add(cache_read);
-    let completion = count("output_tokens");
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt.saturating_add(completion),
-        "prompt_tokens_details": {"cached_tokens": cache_read},
-    })
 }
 
 /// An OpenAI chat completion (non-streamed) as an Anthropic message.
@@ -1050,7 +1029,7 @@ pub fn chat_response_to_messages(response: &Value) -> Result<Value, TranslateErr
         "content": response_blocks(message)?,
         "stop_reason": to_stop_reason(finish_reason),
         "stop_sequence": null,
-        "usage": anthropic_usage(response.get("usage")),
+        "usage": usage::to_anthropic(response.get("usage").unwrap_or(&Value::Null)),
     }))
 }
 
@@ -1102,22 +1081,6 @@ fn response_tool_use(call: &Value) -> Result<Value, TranslateError> {
     let input = parse_arguments(arguments)
         .ok_or_else(|| upstream("a tool call's arguments are not a JSON object"))?;
     Ok(json!({"type": "tool_use", "id": id, "name": name, "input": input}))
-}
-
-fn anthropic_usage(usage: Option<&Value>) -> Value {
-    let count = |pointer: &str| {
-        usage
-            .and_then(|usage| usage.pointer(pointer))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    let cached = count("/prompt_tokens_details/cached_tokens");
-    json!({
-        "input_tokens": count("/prompt_tokens").saturating_sub(cached),
-        "output_tokens": count("/completion_tokens"),
-        "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": 0,
-    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::envelope;
 use super::sse::{write_event, write_json_event, SseEvent, StreamTranslator};
 use super::stop_reason::{to_finish_reason, to_stop_reason};
+use super::usage;
 
 fn u64_at(value: &Value, key: &str) -> Option<u64> {
     value.get(key).and_then(Value::as_u64)
@@ -22,53 +23,14 @@ fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     value.get(key).and_then(Value::as_str)
 }
 
-/// Token counts as Anthropic reports them: `input_tokens` excludes cached prompt tokens.
-#[derive(Debug, Default)]
-struct AnthropicUsage {
-    input: u64,
-    cache_creation: u64,
-    cache_read: u64,
-    output: u64,
-}
-
-impl AnthropicUsage {
-    /// Counts are cumulative: a later report replaces the fields it has.
-    fn update(&mut self, usage: &Value) {
-        let fields = [
-            ("input_tokens", &mut self.input),
-            ("cache_creation_input_tokens", &mut self.cache_creation),
-            ("cache_read_input_tokens", &mut self.cache_read),
-            ("output_tokens", &mut self.output),
-        ];
-        for (key, field) in fields {
-            if let Some(count) = u64_at(usage, key) {
-                *field = count;
-            }
-        }
-    }
-
-    /// OpenAI's prompt count includes every prompt token, cached or not.
-    fn to_openai(&self) -> Value {
-        let prompt = self
-            .input
-            .saturating_add(self.cache_creation)
-            .saturating_add(self.cache_read);
-        json!({
-            "prompt_tokens": prompt,
-            "completion_tokens": self.output,
-            "total_tokens": prompt.saturating_add(self.output),
-            "prompt_tokens_details": {"cached_tokens": self.cache_read},
-        })
-    }
-}
-
 /// Upstream Anthropic Messages events → OpenAI chat.completion.chunk events for the app.
 #[derive(Debug)]
 pub struct MessagesToChatStream {
     created: u64,
     id: String,
     model: String,
-    usage: AnthropicUsage,
+    /// Anthropic's usage fields as reported so far.
+    usage: Map<String, Value>,
     /// Anthropic content block index → the OpenAI `tool_calls` index of its tool_use block.
     tool_calls: HashMap<u64, u64>,
     next_tool_call: u64,
@@ -82,7 +44,7 @@ impl MessagesToChatStream {
             created,
             id: String::new(),
             model: String::new(),
-            usage: AnthropicUsage::default(),
+            usage: Map::new(),
             tool_calls: HashMap::new(),
             next_tool_call: 0,
             ended: false,
@@ -109,7 +71,7 @@ impl MessagesToChatStream {
             .unwrap_or_default()
             .clone_into(&mut self.model);
         if let Some(usage) = message.get("usage") {
-            self.usage.update(usage);
+            usage::merge(&mut self.usage, usage);
         }
         self.write_chunk(out, json!({"role": "assistant", "content": ""}), None);
     }
@@ -171,7 +133,7 @@ impl MessagesToChatStream {
 
     fn message_delta(&mut self, data: &Value, out: &mut Vec<u8>) {
         if let Some(usage) = data.get("usage") {
-            self.usage.update(usage);
+            usage::merge(&mut self.usage, usage);
         }
         let delta = data.get("delta").unwrap_or(&Value::Null);
         let stop_reason = str_at(delta, "stop_reason").unwrap_or("end_turn");
@@ -186,7 +148,7 @@ impl MessagesToChatStream {
             "created": self.created,
             "model": self.model,
             "choices": [],
-            "usage": self.usage.to_openai(),
+            "usage": usage::to_openai(&Value::Object(self.usage.clone())),
         });
         write_json_event(out, None, &chunk);
         write_event(out, None, b"[DONE]");
@@ -243,32 +205,6 @@ impl StreamTranslator for MessagesToChatStream {
     }
 }
 
-/// Token counts as OpenAI reports them: `prompt_tokens` includes the cached ones.
-#[derive(Debug, Default)]
-struct OpenAiUsage {
-    prompt: u64,
-    completion: u64,
-    cached: u64,
-}
-
-impl OpenAiUsage {
-    fn update(&mut self, usage: &Value) {
-        self.prompt = u64_at(usage, "prompt_tokens").unwrap_or(self.prompt);
-        self.completion = u64_at(usage, "completion_tokens").unwrap_or(self.completion);
-        let details = usage.get("prompt_tokens_details").unwrap_or(&Value::Null);
-        self.cached = u64_at(details, "cached_tokens").unwrap_or(self.cached);
-    }
-
-    fn to_anthropic(&self) -> Value {
-        json!({
-            "input_tokens": self.prompt.saturating_sub(self.cached),
-            "output_tokens": self.completion,
-            "cache_read_input_tokens": self.cached,
-            "cache_creation_input_tokens": 0,
-        })
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BlockKind {
     Text,
@@ -295,7 +231,8 @@ pub struct ChatToMessagesStream {
     /// OpenAI `tool_calls` index → the call it currently names.
     tool_calls: HashMap<u64, ToolBlock>,
     finish_reason: Option<String>,
-    usage: OpenAiUsage,
+    /// OpenAI's usage fields as reported so far.
+    usage: Map<String, Value>,
     ended: bool,
 }
 
@@ -444,8 +381,8 @@ impl ChatToMessagesStream {
             return;
         }
         self.start_message(chunk, out);
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-            self.usage.update(usage);
+        if let Some(usage) = chunk.get("usage") {
+            usage::merge(&mut self.usage, usage);
         }
         // Only the first choice: an Anthropic message has one (n > 1 is not translated).
         let choices = chunk.get("choices").and_then(Value::as_array);
@@ -468,7 +405,7 @@ impl ChatToMessagesStream {
         let message_delta = json!({
             "type": "message_delta",
             "delta": {"stop_reason": to_stop_reason(finish_reason), "stop_sequence": null},
-            "usage": self.usage.to_anthropic(),
+            "usage": usage::to_anthropic(&Value::Object(self.usage.clone())),
         });
         write_anthropic_event(out, message_delta);
         write_anthropic_event(out, json!({"type": "message_stop"}));

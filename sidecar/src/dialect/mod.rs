@@ -12,6 +12,7 @@ mod responses;
 mod responses_stream;
 pub mod sse;
 mod stop_reason;
+mod usage;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -50,6 +50,9 @@ struct WireUsage {
 #[derive(Deserialize, Default)]
 struct CachedDetails {
     cached_tokens: Option<u64>,
+    /// What the sidecar's translation from Anthropic's usage puts here (and OpenAI's
+    /// Responses API names so).
+    cache_write_tokens: Option<u64>,
 }
 
 impl WireUsage {
@@ -74,17 +77,18 @@ impl WireUsage {
             .or_else(|| self.total_tokens.map(|t| t.saturating_sub(prompt)))
             .or(earlier.map(|e| e.completion_tokens))
             .unwrap_or(0);
-        let cache_read = self
-            .cache_read_input_tokens
-            .or(self.prompt_tokens_details.and_then(|d| d.cached_tokens));
+        let details = self.prompt_tokens_details.unwrap_or_default();
+        let cache_read = self.cache_read_input_tokens.or(details.cached_tokens);
+        let cache_write = self
+            .cache_creation_input_tokens
+            .or(details.cache_write_tokens);
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cache_read_tokens: cache_read
                 .or(earlier.map(|e| e.cache_read_tokens))
                 .unwrap_or(0),
-            cache_write_tokens: self
-                .cache_creation_input_tokens
+            cache_write_tokens: cache_write
                 .or(earlier.map(|e| e.cache_write_tokens))
                 .unwrap_or(0),
         })
