@@ -10,8 +10,8 @@ use std::marker::PhantomData;
 
 use kube::CustomResource;
 use llmesh_sidecar::config::{
-    AnthropicConfig, AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig, PriceConfig,
-    ProviderKind, ResponsesMode, RetryConfig, HEADER_NAME_PATTERN,
+    AnthropicConfig, AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig,
+    PriceConfig, ProviderKind, ResponsesMode, RetryConfig, HEADER_NAME_PATTERN,
 };
 use schemars::transform::RecursiveTransform;
 use schemars::{JsonSchema, Schema, SchemaGenerator};

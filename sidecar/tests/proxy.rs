@@ -502,7 +502,9 @@ async fn mock_provider_serves_every_api_without_network() {
     assert_eq!(response["object"], "response");
     assert_eq!(response["status"], "incomplete");
     assert_eq!(response["usage"]["output_tokens"], 3);
-    let text = response["output"][0]["content"][0]["text"].as_str().unwrap();
+    let text = response["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap();
     assert_eq!(text.split(' ').count(), 3);
 }
 

@@ -180,6 +180,8 @@ pub fn decide(
         spec.containers.insert(0, sidecar);
     }
     let base_url = format!("http://127.0.0.1:{}/v1", settings.app_port);
+    // Anthropic's SDKs take the API root and add `/v1` themselves.
+    let anthropic_base_url = format!("http://127.0.0.1:{}", settings.app_port);
     for app in spec
         .containers
         .iter_mut()
@@ -187,6 +189,8 @@ pub fn decide(
     {
         set_env_unless_present(app, "OPENAI_BASE_URL", &base_url);
         set_env_unless_present(app, "OPENAI_API_KEY", PLACEHOLDER_API_KEY);
+        set_env_unless_present(app, "ANTHROPIC_BASE_URL", &anthropic_base_url);
+        set_env_unless_present(app, "ANTHROPIC_API_KEY", PLACEHOLDER_API_KEY);
     }
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(config_volume(&endpoints));

@@ -124,7 +124,11 @@ impl Translation {
     }
 
     /// The app's request body in the endpoint's API, with the endpoint's `model`.
-    pub fn request(&self, body: &[u8], model: &str) -> Result<Vec<u8>, TranslateError> {
+    pub fn request(
+        &self,
+        body: &[u8],
+        endpoint: &EndpointConfig,
+    ) -> Result<Vec<u8>, TranslateError> {
         let app_request: Value =
             serde_json::from_slice(body).map_err(|e| TranslateError::Invalid {
                 param: "body".to_string(),
@@ -146,7 +150,12 @@ impl Translation {
             (app, wire) => return Err(unpaired(app, wire)),
         };
         if let Some(object) = translated.as_object_mut() {
-            object.insert("model".to_string(), Value::String(model.to_string()));
+            object.insert("model".to_string(), Value::String(endpoint.model.clone()));
+            // The translation asks chat servers for usage in streams; Azure's older API
+            // versions refuse the whole request for it.
+            if !crate::provider::accepts_stream_options(endpoint) {
+                object.remove("stream_options");
+            }
         }
         // Serializing a Value into a Vec cannot fail.
         Ok(serde_json::to_vec(&translated).unwrap_or_default())

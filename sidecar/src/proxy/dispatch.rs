@@ -265,13 +265,13 @@ async fn send_once(
                 }
                 Plan::Translated(translation) => {
                     api_path = translation.upstream_route();
-                    translation
-                        .request(bytes, &config.model)
-                        .map_err(|source| ProxyError::Untranslatable {
+                    translation.request(bytes, config).map_err(|source| {
+                        ProxyError::Untranslatable {
                             endpoint: endpoint.name().to_string(),
                             provider: config.provider.as_str(),
                             source,
-                        })?
+                        }
+                    })?
                 }
                 Plan::NotServed => return Err(not_served(endpoint, &call.parts.method, api_path)),
             };

@@ -503,7 +503,10 @@ async fn mock_answer(
         Plan::Native => (api_path, app_request.clone()),
         Plan::Translated(t) => (
             t.upstream_route(),
-            Bytes::from(t.request(app_request, model).map_err(untranslatable)?),
+            Bytes::from(
+                t.request(app_request, &endpoint.config)
+                    .map_err(untranslatable)?,
+            ),
         ),
         Plan::NotServed => return Err(dispatch::not_served(endpoint, method, api_path)),
     };
