@@ -1,6 +1,7 @@
 //! llmesh sidecar: a localhost proxy between an app's OpenAI SDK and its LLM providers.
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod dialect;
@@ -14,6 +15,7 @@ pub mod pod;
 pub mod provider;
 pub mod proxy;
 pub mod redact;
+pub mod redis_link;
 pub mod reload;
 pub mod resilience;
 pub mod server;

@@ -59,6 +59,9 @@ pub struct Metrics {
     retries: IntCounterVec,
     rate_limited: IntCounterVec,
     breaker_open: IntGaugeVec,
+    cache_bytes: IntGaugeVec,
+    cache_saved_tokens: IntCounterVec,
+    cache_saved_cost: CounterVec,
     credential: IntGaugeVec,
     missing: IntGaugeVec,
     reloads: IntCounterVec,
@@ -79,6 +82,8 @@ pub struct CallLabels<'a> {
 pub struct FinishedRequest<'a> {
     pub call: CallLabels<'a>,
     pub status: &'a str,
+    /// What the response cache did ([`crate::cache::CacheOutcome`]).
+    pub cache: &'a str,
     /// Set when the request failed: the sidecar's error code or the upstream's status.
     pub error_type: Option<&'a str>,
     pub seconds: f64,
@@ -106,9 +111,9 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "llmesh_requests_total",
-                "Requests from the app, by endpoint, upstream model, operation and HTTP status.",
+                "Requests from the app, by endpoint, upstream model, operation, HTTP status and what the response cache did (off, bypass, miss, hit-memory, hit-shared).",
             ),
-            &["endpoint", "model", "operation", "status"],
+            &["endpoint", "model", "operation", "status", "cache"],
         )?;
         let in_flight = IntGauge::new(
             "llmesh_requests_in_flight",
@@ -172,6 +177,27 @@ impl Metrics {
                 "Requests refused with 429 by the sidecar's own limits, by the limit that was hit.",
             ),
             &["endpoint", "limit"],
+        )?;
+        let cache_bytes = IntGaugeVec::new(
+            Opts::new(
+                "llmesh_cache_memory_bytes",
+                "Bytes of answers the endpoint's response cache holds in this pod's memory.",
+            ),
+            &["endpoint"],
+        )?;
+        let cache_saved_tokens = IntCounterVec::new(
+            Opts::new(
+                "llmesh_cache_saved_tokens_total",
+                "Provider tokens not spent because the response cache answered, by type (input, output), as the stored answers' usage says.",
+            ),
+            &["endpoint", "token_type"],
+        )?;
+        let cache_saved_cost = CounterVec::new(
+            Opts::new(
+                "llmesh_cache_saved_cost_usd_total",
+                "Estimated spend avoided by the response cache: the saved tokens times the endpoint's configured price.",
+            ),
+            &["endpoint"],
         )?;
         let breaker_open = IntGaugeVec::new(
             Opts::new(
@@ -244,6 +270,9 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(breaker_open.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(cache_saved_tokens.clone()))?;
+        registry.register(Box::new(cache_saved_cost.clone()))?;
         registry.register(Box::new(credential.clone()))?;
         registry.register(Box::new(missing.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
@@ -266,6 +295,9 @@ impl Metrics {
             retries,
             rate_limited,
             breaker_open,
+            cache_bytes,
+            cache_saved_tokens,
+            cache_saved_cost,
             credential,
             missing,
             reloads,
@@ -297,7 +329,7 @@ impl Metrics {
         let c = r.call;
         self.in_flight.dec();
         self.requests
-            .with_label_values(&[c.endpoint, c.model, c.operation, r.status])
+            .with_label_values(&[c.endpoint, c.model, c.operation, r.status, r.cache])
             .inc();
         self.duration
             .with_label_values(&[
@@ -346,6 +378,20 @@ impl Metrics {
         }
     }
 
+    /// A cache hit: the tokens (and their price) the stored answer's usage says were saved.
+    pub fn cache_saved(&self, endpoint: &str, input: u64, output: u64, price: Option<PriceConfig>) {
+        for (token_type, count) in [("input", input), ("output", output)] {
+            self.cache_saved_tokens
+                .with_label_values(&[endpoint, token_type])
+                .inc_by(count);
+        }
+        if let Some(price) = price {
+            self.cache_saved_cost
+                .with_label_values(&[endpoint])
+                .inc_by(price.cost_usd(input, output));
+        }
+    }
+
     pub fn attempt(&self, endpoint: &str) {
         self.attempts.with_label_values(&[endpoint]).inc();
     }
@@ -373,7 +419,13 @@ impl Metrics {
     pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
         self.breaker_open.reset();
         self.credential.reset();
+        self.cache_bytes.reset();
         for endpoint in &snapshot.endpoints {
+            if let Some(cache) = &endpoint.cache {
+                self.cache_bytes
+                    .with_label_values(&[endpoint.name()])
+                    .set(i64::try_from(cache.bytes_held()).unwrap_or(i64::MAX));
+            }
             self.breaker_open
                 .with_label_values(&[endpoint.name()])
                 .set(i64::from(endpoint.resilience.breaker.is_open()));

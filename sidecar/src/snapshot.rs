@@ -7,6 +7,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use sha2::{Digest, Sha256};
 
+use crate::cache::EndpointCache;
 use crate::config::{EndpointConfig, LoadedConfig, MockConfig};
 use crate::credentials::{Credential, CredentialError};
 use crate::provider::{Target, TargetError};
@@ -30,6 +31,8 @@ pub struct Endpoint {
     pub resilience: Arc<Resilience>,
     /// `config.fallbacks` that exist in this snapshot, in order.
     pub fallbacks: Vec<String>,
+    /// Set when `config.cache` is; kept across reloads that leave it alone.
+    pub cache: Option<Arc<EndpointCache>>,
 }
 
 pub enum Backend {
@@ -127,11 +130,16 @@ impl Snapshot {
                 })
                 .cloned()
                 .collect();
+            let cache = config.cache.as_ref().map(|settings| {
+                let previous = previous_endpoint.and_then(|p| p.cache.as_ref());
+                EndpointCache::carried_over(previous, &config.name, settings)
+            });
             endpoints.push(Arc::new(Endpoint {
                 config: config.clone(),
                 backend,
                 resilience,
                 fallbacks,
+                cache,
             }));
         }
         let mut by_name = HashMap::new();

@@ -76,6 +76,9 @@ pub struct EndpointConfig {
     /// Anthropic settings; only for `provider: anthropic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anthropic: Option<AnthropicConfig>,
+    /// An exact-match response cache for this endpoint (docs/cache.md). Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
     /// How OpenAI's Responses API (`POST /v1/responses`) reaches this endpoint: `native` sends
     /// it as it is, `translate` turns it into a chat completion and the answer back (for
     /// servers that serve only chat: llama.cpp, many vLLM and Ollama versions). Defaults to
@@ -245,6 +248,86 @@ impl AnthropicConfig {
 
     fn default_version() -> String {
         Self::DEFAULT_VERSION.to_string()
+    }
+}
+
+/// Identical requests answered from memory, and optionally from a Redis shared by the
+/// endpoint's sidecars, instead of the provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a stored answer is served.
+    #[serde(default = "CacheConfig::default_ttl")]
+    pub ttl: Duration,
+    /// Answers larger than this (in bytes, as the app receives them) are not stored.
+    #[serde(default = "CacheConfig::default_max_entry_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_entry_bytes: u64,
+    /// Also cache requests that sample (`temperature` absent or above 0): their answers are
+    /// meant to vary, so by default they go to the provider every time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_sampling: bool,
+    #[serde(default)]
+    pub memory: MemoryCacheConfig,
+    /// A Redis shared by all the endpoint's sidecars: a hit in any pod's answer serves all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedCacheConfig>,
+}
+
+impl CacheConfig {
+    fn default_ttl() -> Duration {
+        Duration::from_secs(600)
+    }
+    fn default_max_entry_bytes() -> u64 {
+        1024 * 1024
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemoryCacheConfig {
+    /// The most bytes of answers held in the pod's memory; the least used go first.
+    #[serde(default = "MemoryCacheConfig::default_max_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: u64,
+}
+
+impl MemoryCacheConfig {
+    fn default_max_bytes() -> u64 {
+        32 * 1024 * 1024
+    }
+}
+
+impl Default for MemoryCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: Self::default_max_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedCacheConfig {
+    /// `redis://[USER@]HOST:PORT[/DB]`; prefer `passwordFile` to a password in the URL.
+    pub url: String,
+    /// A file holding the Redis password (a mounted Secret key), read at each connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Prefix of the cache's Redis keys.
+    #[serde(default = "SharedCacheConfig::default_key_prefix")]
+    pub key_prefix: String,
+    /// The longest a Redis call may take; a slower or unreachable Redis is a miss.
+    #[serde(default = "SharedCacheConfig::default_timeout")]
+    pub timeout: Duration,
+}
+
+impl SharedCacheConfig {
+    fn default_key_prefix() -> String {
+        "llmesh:cache".to_string()
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_millis(100)
     }
 }
 

@@ -7,16 +7,15 @@
 //! together cannot admit more than the bucket holds; the only overshoot is tokens a response
 //! used beyond its reservation, which are charged after the fact (see `docs/resilience.md`).
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, Script};
+use redis::Script;
 use tokio::time::Instant;
 
 use crate::config::{RedisConfig, RedisFailurePolicy};
+use crate::redis_link::{RedisLink, RedisLinkError};
 
 /// A sidecar that has not leased for this long no longer counts as a peer; the count sets
 /// each sidecar's local share of the limit while Redis is unreachable.
@@ -85,11 +84,8 @@ pub struct Grant {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SharedLimitError {
-    #[error("cannot connect to Redis: {0}")]
-    Connect(String),
-    /// Names the file, never its content.
-    #[error("Redis password file {path} cannot be read: {reason}")]
-    PasswordFile { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Link(#[from] RedisLinkError),
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Redis call failed: {0}")]
@@ -100,8 +96,7 @@ pub enum SharedLimitError {
 pub struct SharedBudget {
     endpoint: String,
     config: RedisConfig,
-    connection_info: Option<ConnectionInfo>,
-    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    link: RedisLink,
     script: Script,
     key_prefix: String,
     member: String,
@@ -115,12 +110,14 @@ impl SharedBudget {
     pub fn new(endpoint: &str, config: &RedisConfig) -> Self {
         // The URL was validated at load; a client that still cannot be built stays
         // "unavailable" and the endpoint follows its failure policy, like a Redis that is down.
-        let connection_info = config.url.as_str().into_connection_info().ok();
         Self {
             endpoint: endpoint.to_string(),
             config: config.clone(),
-            connection_info,
-            connection: tokio::sync::Mutex::new(None),
+            link: RedisLink::new(
+                &config.url,
+                config.password_file.clone(),
+                config.timeout.get(),
+            ),
             script: Script::new(LEASE_SCRIPT),
             key_prefix: format!("{}:{endpoint}", config.key_prefix),
             member: uuid::Uuid::new_v4().to_string(),
@@ -197,17 +194,14 @@ impl SharedBudget {
             *at = Some(Instant::now());
         }
         if let Err(error) = &outcome {
-            // A broken connection is not reused; the next call reconnects.
-            if let Ok(mut guard) = self.connection.try_lock() {
-                *guard = None;
-            }
+            self.link.forget_connection();
             self.mark_unavailable(error);
         }
         outcome
     }
 
     async fn ping(&self) -> Result<(), SharedLimitError> {
-        let mut connection = self.connection().await?;
+        let mut connection = self.link.connection().await?;
         redis::cmd("PING")
             .query_async::<()>(&mut connection)
             .await
@@ -221,7 +215,7 @@ impl SharedBudget {
         want: f64,
         give: f64,
     ) -> Result<Grant, SharedLimitError> {
-        let mut connection = self.connection().await?;
+        let mut connection = self.link.connection().await?;
         let (granted, wait_ms, peers): (i64, i64, i64) = self
             .script
             .key(format!("{}:{}", self.key_prefix, dim.suffix()))
@@ -243,34 +237,6 @@ impl SharedBudget {
         })
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, SharedLimitError> {
-        let mut guard = self.connection.lock().await;
-        if let Some(connection) = guard.as_ref() {
-            return Ok(connection.clone());
-        }
-        let mut info = self
-            .connection_info
-            .clone()
-            .ok_or_else(|| SharedLimitError::Connect("invalid Redis URL".to_string()))?;
-        if let Some(path) = &self.config.password_file {
-            let password = read_password(path)?;
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let client =
-            redis::Client::open(info).map_err(|e| SharedLimitError::Connect(e.to_string()))?;
-        let timeout = self.config.timeout.get();
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| SharedLimitError::Connect(e.to_string()))?;
-        *guard = Some(connection.clone());
-        Ok(connection)
-    }
-
     fn mark_available(&self) {
         if !self.available.swap(true, Ordering::Relaxed) {
             tracing::info!(endpoint = %self.endpoint, "Redis is reachable again: shared limits resumed");
@@ -288,20 +254,4 @@ impl SharedBudget {
             tracing::warn!(endpoint = %self.endpoint, %error, peers = self.peers(), policy, "Redis is unreachable");
         }
     }
-}
-
-/// Read at each connect rather than once, so that a rotated Secret is picked up by the next
-/// reconnect without a restart.
-fn read_password(path: &Path) -> Result<String, SharedLimitError> {
-    let unreadable = |reason: String| SharedLimitError::PasswordFile {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| unreadable(e.kind().to_string()))?;
-    let password =
-        std::str::from_utf8(bytes.trim_ascii()).map_err(|_| unreadable("not UTF-8".to_string()))?;
-    if password.is_empty() {
-        return Err(unreadable("empty".to_string()));
-    }
-    Ok(password.to_string())
 }

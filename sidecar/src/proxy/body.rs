@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 use super::log::{Outcome, RequestLog};
 use super::usage::UsageTap;
 use super::usage_strip::UsageChunkStripper;
+use crate::cache::Recording;
 use crate::dialect::sse::TranslatingStream;
 use crate::dialect::Dialect;
 use crate::drain;
@@ -65,6 +66,8 @@ pub struct Accounting {
     pub success: bool,
     /// Set when the sidecar asked the upstream for usage the app did not ask for.
     pub strip_usage: Option<UsageChunkStripper>,
+    /// Set when the answer is to be stored in the endpoint's cache.
+    pub recording: Option<Recording>,
 }
 
 impl ResponseBody {
@@ -118,6 +121,12 @@ impl ResponseBody {
             if let Some(permit) = accounting.permit {
                 permit.settle_from_response(usage.map(|u| u.total()), chunks, accounting.success);
             }
+            if let Some(recording) = accounting.recording {
+                let streamed_to_its_end = !accounting.tap.is_sse() || accounting.tap.stream_ended();
+                recording.finish(
+                    accounting.success && outcome == Outcome::Completed && streamed_to_its_end,
+                );
+            }
         }
         log.finish(outcome);
     }
@@ -159,6 +168,9 @@ impl Body for ResponseBody {
                     }
                     if let Some(accounting) = &mut this.accounting {
                         accounting.tap.observe(data);
+                        if let Some(recording) = &mut accounting.recording {
+                            recording.observe(data);
+                        }
                     }
                 }
             }

@@ -79,9 +79,14 @@ impl<'a> RequestJson<'a> {
         }
     }
 
+    /// `"stream": true`
+    pub fn streams(&self) -> bool {
+        self.get("stream").is_some_and(|v| v.get() == "true")
+    }
+
     /// A stream whose request did not ask for usage (`stream_options.include_usage`).
     pub fn streams_without_usage(&self) -> bool {
-        self.get("stream").is_some_and(|v| v.get() == "true")
+        self.streams()
             && !self.get("stream_options").is_some_and(|raw| {
                 RequestJson::parse(raw.get().as_bytes())
                     .ok()

@@ -8,6 +8,7 @@ use http::{Method, StatusCode};
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 use tokio::time::Instant;
 
+use crate::cache::CacheOutcome;
 use crate::metrics::{self, CallLabels, FinishedRequest, Metrics, TokenCount};
 use crate::otlp::{RequestSpan, SpanSink};
 use crate::snapshot::Endpoint;
@@ -62,6 +63,7 @@ pub struct RequestLog {
     pub streamed: bool,
     pub attempts: u32,
     pub tokens: Option<TokenCount>,
+    pub cache: CacheOutcome,
     /// Filled only when spans are exported (`wants_finish_reasons`).
     pub finish_reasons: Vec<String>,
     started_at: SystemTime,
@@ -115,6 +117,7 @@ impl RequestLog {
             streamed: false,
             attempts: 0,
             tokens: None,
+            cache: CacheOutcome::Off,
             finish_reasons: Vec::new(),
             started_at: SystemTime::now(),
             metrics: observers.metrics,
@@ -154,6 +157,7 @@ impl RequestLog {
             headers_ms = self.headers_sent_after.map(millis),
             first_chunk_ms = self.first_chunk_after.map(millis),
             attempts = self.attempts,
+            cache = (self.cache != CacheOutcome::Off).then(|| self.cache.as_str()),
             prompt_tokens = self.tokens.map(|t| t.input),
             completion_tokens = self.tokens.map(|t| t.output),
             usage_estimated = self.tokens.map(|t| !t.reported),
@@ -216,6 +220,7 @@ impl RequestLog {
                 provider: summary.provider,
             },
             status: summary.status,
+            cache: self.cache.as_str(),
             error_type: summary.error_type,
             seconds: took.as_secs_f64(),
             first_chunk_seconds: self

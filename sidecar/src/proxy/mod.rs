@@ -35,6 +35,7 @@ pub use path::PathError;
 use usage::UsageTap;
 use usage_strip::UsageChunkStripper;
 
+use crate::cache::{self, key::CacheKey, CacheOutcome, EndpointCache, Recording, Turn, Use};
 use crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES;
 use crate::dialect::{self, Dialect, Plan, Translation};
 use crate::error::{ProxyError, JSON};
@@ -129,6 +130,9 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     }
     if attempts > 0 {
         headers.insert(LLMESH_ATTEMPTS.clone(), HeaderValue::from(attempts));
+    }
+    if let Some(value) = log.cache.header_value() {
+        headers.insert(cache::LLMESH_CACHE.clone(), value);
     }
     log.attempts = attempts;
     log.status = response.status().as_u16();
@@ -312,15 +316,135 @@ async fn json_call(
     }
 
     let ask_usage = USAGE_IN_STREAMS_ROUTES.contains(&api_path) && json.streams_without_usage();
+    let cache_use = cache::plan(
+        endpoint.cache.as_ref(),
+        &cache::Request {
+            endpoint: endpoint.name(),
+            credential_fingerprint: endpoint.credential().map_or("", |c| c.fingerprint()),
+            upstream_model: &endpoint.config.model,
+            route: api_path,
+            body: &bytes,
+            headers: &parts.headers,
+        },
+    );
+    let mut fetching = None;
+    log.cache = match &cache_use {
+        Use::Off => CacheOutcome::Off,
+        Use::Bypass => CacheOutcome::Bypass,
+        Use::Cached { .. } => CacheOutcome::Miss,
+    };
+    if let Use::Cached {
+        cache,
+        key,
+        lookup: true,
+    } = &cache_use
+    {
+        let hit = Hit {
+            cache,
+            key,
+            endpoint: &endpoint,
+            json: &json,
+            api_path,
+            metrics: ids.metrics,
+        };
+        if let Some(served) = hit.answer(log).await {
+            return Ok(served);
+        }
+        match cache.turn(*key) {
+            Turn::Fetch(turn) => fetching = Some(turn),
+            // An identical request is fetching this answer: it is awaited, then served from
+            // the cache (or, if it was not stored, fetched again here).
+            Turn::Wait(waiting) => {
+                cache::wait(waiting, endpoint.config.timeouts.total.get()).await;
+                if let Some(served) = hit.answer(log).await {
+                    return Ok(served);
+                }
+            }
+        }
+    }
+    let mut served = call_endpoint(
+        snapshot, endpoint, &parts, api_path, ids, log, &bytes, &json, ask_usage,
+    )
+    .await?;
+    if let (Use::Cached { cache, key, .. }, Some(accounting)) =
+        (cache_use, served.accounting.as_mut())
+    {
+        if accounting.success {
+            let sse = accounting.tap.is_sse();
+            accounting.recording = Some(Recording::new(cache, key, api_path, sse, fetching));
+        }
+    }
+    Ok(served)
+}
+
+/// A cache lookup for one request, and its answer from the cache.
+struct Hit<'a> {
+    cache: &'a EndpointCache,
+    key: &'a CacheKey,
+    endpoint: &'a Arc<Endpoint>,
+    json: &'a RequestJson<'a>,
+    api_path: &'a str,
+    metrics: Option<&'a Metrics>,
+}
+
+impl Hit<'_> {
+    /// The stored answer, as JSON or as a stream, whichever the app asked for.
+    async fn answer(&self, log: &mut RequestLog) -> Option<Served> {
+        let (body, level) = self.cache.get(self.key).await?;
+        let response = if self.json.streams() {
+            let include_usage = !self.json.streams_without_usage();
+            let events = cache::to_stream(self.api_path, &body, include_usage)?;
+            sse_response(BodyKind::full(Bytes::from(events.concat())))
+        } else {
+            json_response(StatusCode::OK, body.clone())
+        };
+        log.cache = level;
+        if let Some(metrics) = self.metrics {
+            let mut tap = UsageTap::new(false);
+            tap.observe(&body);
+            if let Some(usage) = tap.usage() {
+                let price = self.endpoint.config.price;
+                metrics.cache_saved(
+                    self.endpoint.name(),
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    price,
+                );
+            }
+        }
+        // No accounting: a hit holds no admission and spends no provider tokens.
+        Some(Served {
+            response,
+            endpoint: Some(Arc::clone(self.endpoint)),
+            attempts: 0,
+            accounting: None,
+        })
+    }
+}
+
+/// The call of a JSON request to its endpoint (and fallbacks), answered by the mock or the
+/// upstream, translated when the endpoint speaks another API.
+#[allow(clippy::too_many_arguments)]
+async fn call_endpoint(
+    snapshot: &Snapshot,
+    endpoint: Arc<Endpoint>,
+    parts: &Parts,
+    api_path: &str,
+    ids: &CallIds<'_>,
+    log: &mut RequestLog,
+    bytes: &Bytes,
+    json: &RequestJson<'_>,
+    ask_usage: bool,
+) -> Result<Served, Failure> {
     let outcome = dispatch::run(dispatch::Call {
         snapshot,
         primary: endpoint,
-        parts: &parts,
+        parts,
         api_path,
         ids,
         body: CallBody::Json {
-            bytes: &bytes,
-            json: &json,
+            bytes,
+            json,
             ask_usage,
         },
     })
@@ -332,7 +456,7 @@ async fn json_call(
             attempts,
         } => {
             log.endpoint = Some(Arc::clone(&endpoint));
-            let response = mock_answer(&endpoint, &parts.method, api_path, &bytes, ids).await;
+            let response = mock_answer(&endpoint, &parts.method, api_path, bytes, ids).await;
             let (response, sse) = match response {
                 Ok(answer) => answer,
                 Err(e) => return Err(Failure::new(e, Some(endpoint))),
@@ -346,6 +470,7 @@ async fn json_call(
                     permit: Some(permit),
                     success: true,
                     strip_usage: (ask_usage && sse).then(UsageChunkStripper::default),
+                    recording: None,
                 }),
             })
         }
@@ -353,7 +478,7 @@ async fn json_call(
             log.endpoint = Some(Arc::clone(&answer.endpoint));
             if let Plan::Translated(translation) = dialect::plan(api_path, &answer.endpoint.config)
             {
-                return translated_answer(answer, translation, &bytes, ask_usage).await;
+                return translated_answer(answer, translation, bytes, ask_usage).await;
             }
             let answer = match route_missing_upstream(answer, &parts.method, api_path).await? {
                 Ok(answer) => answer,
@@ -377,6 +502,7 @@ async fn json_call(
                     permit: answer.permit,
                     success,
                     strip_usage: strip_usage.then(UsageChunkStripper::default),
+                    recording: None,
                 }),
             })
         }
@@ -451,6 +577,7 @@ async fn passthrough(
                     permit: Some(permit),
                     success: true,
                     strip_usage: None,
+                    recording: None,
                 }),
             })
         }
@@ -621,6 +748,7 @@ async fn translated_answer(
             permit,
             success,
             strip_usage: (ask_usage && streamed).then(UsageChunkStripper::default),
+            recording: None,
         }),
     })
 }
@@ -673,6 +801,7 @@ async fn route_missing_upstream(
                 permit,
                 success: false,
                 strip_usage: None,
+                recording: None,
             }),
         }));
     }
