@@ -102,8 +102,9 @@ impl EndpointCache {
         if let Some(body) = self.memory.get(key) {
             return Some((body, CacheOutcome::HitMemory));
         }
-        let body = self.shared.as_ref()?.get(key).await?;
-        self.memory.put(*key, body.clone(), self.config.ttl.get());
+        let (body, left) = self.shared.as_ref()?.get(key).await?;
+        // Kept in memory for what is left of its time, not a whole new one.
+        self.memory.put(*key, body.clone(), left);
         Some((body, CacheOutcome::HitShared))
     }
 

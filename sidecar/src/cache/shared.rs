@@ -47,16 +47,23 @@ impl SharedLevel {
         format!("{}:{}", self.key_prefix, key.hex())
     }
 
-    pub async fn get(&self, key: &CacheKey) -> Option<Bytes> {
+    /// The stored answer and how long it has left to live.
+    pub async fn get(&self, key: &CacheKey) -> Option<(Bytes, Duration)> {
         let redis_key = self.redis_key(key);
-        let found = self
+        let (value, left_ms) = self
             .bounded(async {
                 let mut connection = self.link.connection().await?;
-                let value: Option<Vec<u8>> = connection.get(&redis_key).await?;
-                Ok(value)
+                let found: (Option<Vec<u8>>, i64) = redis::pipe()
+                    .get(&redis_key)
+                    .pttl(&redis_key)
+                    .query_async(&mut connection)
+                    .await?;
+                Ok(found)
             })
             .await?;
-        found.map(Bytes::from)
+        // PTTL is negative when the key has no expiry or is gone (it expired in between).
+        let left = Duration::from_millis(u64::try_from(left_ms).ok()?);
+        Some((Bytes::from(value?), left))
     }
 
     pub async fn put(&self, key: &CacheKey, body: &Bytes, ttl: Duration) {
