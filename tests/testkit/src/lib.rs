@@ -12,6 +12,9 @@
 //!   sequence), errors in Anthropic's envelope; like Anthropic it answers 401 without a key
 //!   (`x-api-key` or `Authorization: Bearer`) and 400 without `anthropic-version`. `.../messages/count_tokens` counts.
 //! - `.../responses`: 404, as from a server that only serves chat completions (llama.cpp).
+//! - `.../completions` (not `.../chat/completions`): an OpenAI text completion (JSON, or
+//!   `text_completion` chunks then `[DONE]`) with the same text and usage as a chat answer.
+//! - `.../embeddings`: one 4-dimensional embedding per input, [`usage::PROMPT_TOKENS`] in.
 //! - anything else: an OpenAI chat completion (JSON or SSE chunks then `[DONE]`).
 //!
 //! Both dialects answer a request that defines tools, and whose last message is not a tool
@@ -545,6 +548,10 @@ enum Route {
     CountTokens,
     /// OpenAI's Responses API, which a chat-only server does not have.
     Responses,
+    /// OpenAI's legacy `POST /v1/completions`.
+    Completions,
+    /// OpenAI's `POST /v1/embeddings`.
+    Embeddings,
 }
 
 impl Route {
@@ -556,6 +563,10 @@ impl Route {
             Self::CountTokens
         } else if path.ends_with("/responses") || path.contains("/responses/") {
             Self::Responses
+        } else if path.ends_with("/completions") && !path.ends_with("/chat/completions") {
+            Self::Completions
+        } else if path.ends_with("/embeddings") {
+            Self::Embeddings
         } else {
             Self::Chat
         }
@@ -654,6 +665,8 @@ fn text_of(content: Option<&serde_json::Value>) -> String {
 struct Call {
     route: Route,
     model: String,
+    /// How many inputs an embeddings request has.
+    inputs: usize,
     ask: StreamAsk,
     reply: Reply,
 }
@@ -674,9 +687,14 @@ impl Call {
                 .and_then(|v| v.pointer("/stream_options/include_usage"))
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false);
+        let inputs = match json.and_then(|v| v.get("input")) {
+            Some(serde_json::Value::Array(items)) => items.len(),
+            _ => 1,
+        };
         Self {
             route,
             model,
+            inputs,
             ask: StreamAsk {
                 streamed,
                 include_usage,
@@ -784,6 +802,9 @@ async fn respond(
         let body = serde_json::json!({"input_tokens": usage::ANTHROPIC_INPUT_TOKENS});
         return Ok(json_response(StatusCode::OK, &body));
     }
+    if call.route == Route::Embeddings {
+        return Ok(embeddings_response(&call.model, call.inputs));
+    }
     let chunks = directive(&headers, directives::STREAM_CHUNKS);
     if chunks.is_some() || echo.stream || call.ask.streamed {
         let default = if echo.stream {
@@ -822,7 +843,36 @@ async fn respond(
     }
     let overhead = 330 + call.model.len();
     let content = "x".repeat(options.body_bytes.saturating_sub(overhead).max(1));
+    if call.route == Route::Completions {
+        return Ok(text_completion_response(&call.model, content));
+    }
     Ok(completion_response(&call.model, &call.reply, content))
+}
+
+fn text_completion_response(model: &str, text: String) -> Response<FakeBody> {
+    let body = serde_json::json!({
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": usage::PROMPT_TOKENS, "completion_tokens": usage::COMPLETION_TOKENS, "total_tokens": usage::PROMPT_TOKENS + usage::COMPLETION_TOKENS},
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+/// One embedding per input; each input's vector differs, so answers can be told apart.
+fn embeddings_response(model: &str, inputs: usize) -> Response<FakeBody> {
+    let data: Vec<serde_json::Value> = (0..inputs.max(1))
+        .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, i]}))
+        .collect();
+    let body = serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": usage::PROMPT_TOKENS, "total_tokens": usage::PROMPT_TOKENS},
+    });
+    json_response(StatusCode::OK, &body)
 }
 
 /// What Anthropic answers a request without a key (`x-api-key` or a bearer token) or version.
@@ -1035,6 +1085,8 @@ impl StreamPlan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dialect {
     Chat,
+    /// OpenAI's legacy text completions.
+    Completion,
     Anthropic,
 }
 
@@ -1054,10 +1106,10 @@ enum Script {
 
 impl Script {
     fn for_call(call: &Call, leaking: bool) -> Self {
-        let dialect = if call.route == Route::Messages {
-            Dialect::Anthropic
-        } else {
-            Dialect::Chat
+        let dialect = match call.route {
+            Route::Messages => Dialect::Anthropic,
+            Route::Completions => Dialect::Completion,
+            _ => Dialect::Chat,
         };
         let text = |pieces| Self::Text {
             dialect,
@@ -1071,6 +1123,7 @@ impl Script {
             Reply::ToolResults(results) => text(Some(tool_reply_text(results).to_vec())),
             Reply::ToolCalls(names) => match dialect {
                 Dialect::Chat => chat_tool_stream(&call.model, names, call.ask.include_usage),
+                Dialect::Completion => text(None),
                 Dialect::Anthropic => anthropic_tool_stream(&call.model, names),
             },
         }
@@ -1121,6 +1174,7 @@ impl Script {
                 serde_json::json!({"content": text}),
                 last.then_some("stop"),
             ),
+            Dialect::Completion => text_completion_chunk(model, &text, last.then_some("stop")),
             Dialect::Anthropic => {
                 let mut events = if i == 0 {
                     anthropic_text_start(model)
@@ -1141,11 +1195,11 @@ impl Script {
         match self {
             Self::Given { tail, .. } => tail.clone(),
             Self::Text {
-                dialect: Dialect::Chat,
+                dialect: dialect @ (Dialect::Chat | Dialect::Completion),
                 model,
                 include_usage,
                 ..
-            } => chat_tail(model, chunks, *include_usage),
+            } => chat_tail(*dialect, model, chunks, *include_usage),
             Self::Text {
                 dialect: Dialect::Anthropic,
                 model,
@@ -1178,13 +1232,28 @@ fn chat_chunk(model: &str, delta: serde_json::Value, finish_reason: Option<&str>
     Bytes::from(format!("data: {event}\n\n"))
 }
 
+fn text_completion_chunk(model: &str, text: &str, finish_reason: Option<&str>) -> Bytes {
+    let event = serde_json::json!({
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}],
+    });
+    Bytes::from(format!("data: {event}\n\n"))
+}
+
 /// The usage chunk (when asked for) and `[DONE]`.
-fn chat_tail(model: &str, chunks: u64, include_usage: bool) -> Bytes {
+fn chat_tail(dialect: Dialect, model: &str, chunks: u64, include_usage: bool) -> Bytes {
     let mut tail = String::new();
     if include_usage {
+        let (id, object) = match dialect {
+            Dialect::Completion => ("cmpl-fake", "text_completion"),
+            _ => ("chatcmpl-fake", "chat.completion.chunk"),
+        };
         let usage = serde_json::json!({
-            "id": "chatcmpl-fake",
-            "object": "chat.completion.chunk",
+            "id": id,
+            "object": object,
             "created": 1_700_000_000,
             "model": model,
             "choices": [],
@@ -1224,7 +1293,7 @@ fn chat_tool_stream(model: &str, names: &[String], include_usage: bool) -> Scrip
     chunks.push(chat_chunk(model, serde_json::json!({}), Some("tool_calls")));
     let count = u64::try_from(chunks.len()).unwrap_or(u64::MAX);
     Script::Given {
-        tail: chat_tail(model, count, include_usage),
+        tail: chat_tail(Dialect::Chat, model, count, include_usage),
         chunks,
     }
 }
