@@ -517,6 +517,13 @@ async fn no_cache_fetches_and_stores_no_store_does_neither() {
         "hit-memory"
     );
     assert_eq!(upstream.requests().len(), 5);
+    for sent in upstream.requests() {
+        assert_eq!(
+            sent.header("x-llmesh-cache"),
+            None,
+            "the directive stays in the pod"
+        );
+    }
 }
 
 #[tokio::test]
@@ -683,7 +690,7 @@ async fn metrics_and_log_lines_say_what_the_cache_did() {
         sample(
             &metrics,
             "llmesh_cache_saved_tokens_total",
-            &["endpoint=\"chat\"", &format!("type=\"{kind}\"")],
+            &["endpoint=\"chat\"", &format!("token_type=\"{kind}\"")],
         )
     };
     assert_eq!(
