@@ -137,7 +137,13 @@ fn endpoints_using_secret(
         .filter(|e| {
             std::iter::once(&e.spec.base)
                 .chain(e.spec.environments.values())
-                .flat_map(|s| [&s.secret_ref, &s.redis_password_secret_ref])
+                .flat_map(|s| {
+                    [
+                        &s.secret_ref,
+                        &s.redis_password_secret_ref,
+                        &s.cache_redis_password_secret_ref,
+                    ]
+                })
                 .any(|r| r.as_ref().is_some_and(|r| r.name == name))
         })
         .map(|e| ObjectRef::from_obj(e.as_ref()))
@@ -198,7 +204,7 @@ async fn reconcile_measured(
 }
 
 /// The outcome of looking up the Secret keys the endpoint needs (the provider key, the
-/// Redis password of shared limits).
+/// Redis passwords of shared limits and of the shared cache).
 enum Credentials {
     NotNeeded,
     /// The content of Secret `llmesh-<name>`.

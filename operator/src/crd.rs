@@ -10,13 +10,13 @@ use std::marker::PhantomData;
 
 use kube::CustomResource;
 use llmesh_sidecar::config::{
-    AnthropicConfig, AzureConfig, CircuitBreakerConfig, Duration, LimitsConfig, MockConfig,
-    PriceConfig, ProviderKind, ResponsesMode, RetryConfig, HEADER_NAME_PATTERN,
+    AnthropicConfig, AzureConfig, CacheConfig, CircuitBreakerConfig, Duration, LimitsConfig,
+    MockConfig, PriceConfig, ProviderKind, ResponsesMode, RetryConfig, HEADER_NAME_PATTERN,
 };
 use schemars::transform::RecursiveTransform;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -63,6 +63,7 @@ pub struct LlmEndpointSpec {
     /// Overrides per environment (the namespace's `llmesh.io/environment` label), merged
     /// field by field over the base, e.g. `dev: {provider: mock}` so that dev spends nothing.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = RecursiveTransform(as_overrides))]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self.all(env, env.matches('^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'))",
         "message": "environment names are lowercase DNS labels, e.g. dev, test, prod"
@@ -153,6 +154,25 @@ pub struct EndpointSettings {
     /// `limits.scope` is `global`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_password_secret_ref: Option<SecretKeyRef>,
+    /// An exact-match response cache (docs/cache.md), off unless set. `cache: null` in an
+    /// environment turns the base's cache off there.
+    #[serde(
+        default,
+        deserialize_with = "null_as_removed",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<Partial<CacheConfig>>")]
+    // The sidecar's own field; here the operator sets it from `cacheRedisPasswordSecretRef`.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.shared) || !has(self.shared.passwordFile)",
+        "message": "cache.shared.passwordFile is set by the operator; give the password as cacheRedisPasswordSecretRef"
+    }]))]
+    pub cache: Option<Removable<Partial<CacheConfig>>>,
+    /// The password of `cache.shared`: one key of a Secret in this namespace, copied beside
+    /// the provider key, so that it is in neither the URL nor the ConfigMap. Ignored unless
+    /// the cache has a `shared` block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_redis_password_secret_ref: Option<SecretKeyRef>,
     /// The model's price, for the sidecar's cost metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceConfig>,
@@ -161,6 +181,19 @@ pub struct EndpointSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(inner(pattern(HEADER_NAME_PATTERN)))]
     pub drop_request_headers: Option<Vec<String>>,
+}
+
+/// A block an environment may remove: `None` when not written, `Some(None)` when written
+/// as `null`, which survives the merge over the base and so turns the base's block off.
+pub type Removable<T> = Option<T>;
+
+/// Keeps an explicit `null` apart from an absent field (which `default` makes `None`).
+fn null_as_removed<'de, D, T>(deserializer: D) -> Result<Option<Removable<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Removable::<T>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -236,6 +269,17 @@ impl<T: JsonSchema> JsonSchema for Partial<T> {
 
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
         T::json_schema(generator)
+    }
+}
+
+/// An environment's entry is merged over the base, so none of its fields is required and
+/// none has a default: the API server would write a default into the entry, and that value
+/// would then override the base's (`retry: {maxAttempts: 2}` would reset `backoffBase`).
+/// The merged settings are checked when they are rendered.
+fn as_overrides(schema: &mut Schema) {
+    if let Some(object) = schema.as_object_mut() {
+        object.remove("default");
+        object.remove("required");
     }
 }
 
@@ -375,6 +419,44 @@ mod tests {
         let max_queued = &spec["limits"]["properties"]["maxQueued"];
         assert_eq!(max_queued["minimum"].as_f64(), Some(0.0));
         assert_eq!(max_queued.get("format"), None);
+    }
+
+    /// Whether `key` is a keyword of any schema in `value` (not a property name).
+    fn has_keyword(value: &Value, key: &str) -> bool {
+        match value {
+            Value::Object(object) => {
+                object.contains_key(key)
+                    || object.iter().any(|(k, v)| match (k.as_str(), v) {
+                        ("properties", Value::Object(properties)) => {
+                            properties.values().any(|p| has_keyword(p, key))
+                        }
+                        _ => has_keyword(v, key),
+                    })
+            }
+            Value::Array(items) => items.iter().any(|v| has_keyword(v, key)),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn environment_entries_have_no_defaults_and_no_required_fields() {
+        let crd = serde_json::to_value(LlmEndpoint::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let entry = &spec["properties"]["environments"]["additionalProperties"];
+        assert!(entry["properties"]["cache"]["properties"]["ttl"].is_object());
+        assert!(
+            entry["properties"]["default"].is_object(),
+            "a property named default stays"
+        );
+        assert!(!has_keyword(entry, "default"), "{entry:#}");
+        assert!(!has_keyword(entry, "required"), "{entry:#}");
+        // The base keeps them: there they fill in what the sidecar would anyway.
+        let base = &spec["properties"];
+        assert_eq!(base["cache"]["properties"]["ttl"]["default"], "10m");
+        assert_eq!(
+            base["cache"]["properties"]["shared"]["required"],
+            serde_json::json!(["url"])
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub const CREDENTIAL_MOUNT_ROOT: &str = "/var/run/secrets/llmesh";
 pub const CREDENTIAL_KEY: &str = "apiKey";
 /// The key under which the Redis password of shared limits is stored in Secret `llmesh-<name>`.
 pub const REDIS_PASSWORD_KEY: &str = "redisPassword";
+/// The key under which the Redis password of the shared cache is stored in Secret `llmesh-<name>`.
+pub const CACHE_REDIS_PASSWORD_KEY: &str = "cacheRedisPassword";
 /// The key of the rendered endpoint in ConfigMap `llmesh-<name>` (one file per endpoint,
 /// the sidecar's `--config-dir` layout).
 pub const CONFIG_FILE: &str = "endpoint.yaml";
@@ -39,7 +41,8 @@ pub struct Rendering {
 /// One Secret key that the sidecar reads from its mounted copy of Secret `llmesh-<name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopiedKey {
-    /// The key in `llmesh-<name>` ([`CREDENTIAL_KEY`] or [`REDIS_PASSWORD_KEY`]).
+    /// The key in `llmesh-<name>` ([`CREDENTIAL_KEY`], [`REDIS_PASSWORD_KEY`] or
+    /// [`CACHE_REDIS_PASSWORD_KEY`]).
     pub key: &'static str,
     pub source: SecretKeyRef,
 }
@@ -155,11 +158,11 @@ pub fn render(
     let redis_password = match (&mut limits.redis, limits.scope) {
         (Some(redis), LimitScope::Global) => {
             if redis.password_file.is_some() {
-                // A path written here would point into a pod the operator does not build.
-                return Err(RenderError::Invalid {
-                    environment: environment.to_string(),
-                    message: "limits.redis.passwordFile: is set by the operator; give the password as redisPasswordSecretRef".to_string(),
-                });
+                return Err(set_by_the_operator(
+                    "limits.redis.passwordFile",
+                    "redisPasswordSecretRef",
+                    environment,
+                ));
             }
             let source = settings.redis_password_secret_ref.clone();
             if source.is_some() {
@@ -168,6 +171,25 @@ pub fn render(
             source
         }
         _ => None,
+    };
+    let written_cache = settings.cache.as_ref().and_then(Option::as_ref);
+    let mut cache = parse_block(written_cache, "cache", environment)?;
+    let cache_redis_password = match cache.as_mut().and_then(|c| c.shared.as_mut()) {
+        Some(shared) => {
+            if shared.password_file.is_some() {
+                return Err(set_by_the_operator(
+                    "cache.shared.passwordFile",
+                    "cacheRedisPasswordSecretRef",
+                    environment,
+                ));
+            }
+            let source = settings.cache_redis_password_secret_ref.clone();
+            if source.is_some() {
+                shared.password_file = Some(mounted(CACHE_REDIS_PASSWORD_KEY));
+            }
+            source
+        }
+        None => None,
     };
     let config = EndpointConfig {
         name: name.to_string(),
@@ -197,6 +219,7 @@ pub fn render(
         )?
         .unwrap_or_default(),
         limits,
+        cache,
         price: settings.price,
         drop_request_headers: settings.drop_request_headers.clone().unwrap_or_default(),
     };
@@ -228,8 +251,23 @@ pub fn render(
                 key: REDIS_PASSWORD_KEY,
                 source,
             }))
+            .chain(cache_redis_password.map(|source| CopiedKey {
+                key: CACHE_REDIS_PASSWORD_KEY,
+                source,
+            }))
             .collect(),
     })
+}
+
+/// A password file written in the spec would point into a pod the operator does not build:
+/// the operator mounts the password given as `secret_ref_field` and sets `field` itself.
+fn set_by_the_operator(field: &str, secret_ref_field: &str, environment: &str) -> RenderError {
+    RenderError::Invalid {
+        environment: environment.to_string(),
+        message: format!(
+            "{field}: is set by the operator; give the password as {secret_ref_field}"
+        ),
+    }
 }
 
 fn timeouts(settings: Option<TimeoutSettings>) -> Timeouts {
@@ -433,6 +471,184 @@ limits:
             render("chat", &written, "prod").unwrap_err().to_string(),
             "environment prod: limits.redis.passwordFile: is set by the operator; give the password as redisPasswordSecretRef"
         );
+    }
+
+    const CACHED: &str = "
+provider: openai
+model: gpt-4o
+secretRef: {name: openai, key: apiKey}
+cacheRedisPasswordSecretRef: {name: redis, key: password}
+cache:
+  ttl: 1h
+  memory: {maxBytes: 1000000}
+  shared: {url: 'redis://redis.llmesh:6379', keyPrefix: shop}
+environments:
+  dev: {provider: mock, cache: null}
+  test: {cache: {shared: null}}
+  prod: {cache: {allowSampling: true, shared: {timeout: 250ms}}}
+";
+
+    #[test]
+    fn the_cache_renders_and_merges_field_by_field_per_environment() {
+        let staging = render("chat", &spec(CACHED), "staging").unwrap().config;
+        let cache = staging.cache.unwrap();
+        assert_eq!(cache.ttl, Duration::from_secs(3600));
+        assert_eq!(cache.memory.max_bytes, 1_000_000);
+        assert!(!cache.allow_sampling);
+        assert_eq!(cache.max_entry_bytes, 1024 * 1024, "the sidecar's default");
+        let prod = render("chat", &spec(CACHED), "prod").unwrap().config;
+        let cache = prod.cache.unwrap();
+        assert!(cache.allow_sampling);
+        assert_eq!(cache.ttl, Duration::from_secs(3600), "kept from the base");
+        let shared = cache.shared.unwrap();
+        assert_eq!(shared.timeout, Duration::from_millis(250));
+        assert_eq!(
+            (shared.url.as_str(), shared.key_prefix.as_str()),
+            ("redis://redis.llmesh:6379", "shop"),
+            "kept from the base"
+        );
+        let test = render("chat", &spec(CACHED), "test").unwrap().config;
+        assert_eq!(
+            test.cache.unwrap().shared,
+            None,
+            "`shared: null` removes it"
+        );
+        let dev = render("chat", &spec(CACHED), "dev").unwrap();
+        assert_eq!(dev.config.cache, None, "`cache: null` turns it off");
+        assert!(!dev.yaml.contains("cache"), "{}", dev.yaml);
+    }
+
+    #[test]
+    fn an_environment_may_turn_on_a_cache_the_base_does_not_have() {
+        let endpoint = spec("{provider: mock, model: m, environments: {ci: {cache: {}}}}");
+        assert_eq!(
+            render("chat", &endpoint, "prod").unwrap().config.cache,
+            None
+        );
+        let ci = render("chat", &endpoint, "ci").unwrap();
+        assert_eq!(ci.config.cache.unwrap().ttl, Duration::from_secs(600));
+        assert!(ci.yaml.contains("cache:"), "{}", ci.yaml);
+    }
+
+    #[test]
+    fn the_cache_password_is_copied_and_mounted_only_where_the_cache_is_shared() {
+        let prod = render("chat", &spec(CACHED), "prod").unwrap();
+        assert_eq!(
+            prod.secrets.iter().map(|c| c.key).collect::<Vec<_>>(),
+            [CREDENTIAL_KEY, CACHE_REDIS_PASSWORD_KEY]
+        );
+        assert_eq!(
+            prod.secrets[1].source,
+            SecretKeyRef {
+                name: "redis".into(),
+                key: "password".into()
+            }
+        );
+        let shared = prod.config.cache.unwrap().shared.unwrap();
+        assert_eq!(
+            shared.password_file,
+            Some(PathBuf::from(
+                "/var/run/secrets/llmesh/chat/cacheRedisPassword"
+            ))
+        );
+        assert!(prod
+            .yaml
+            .contains("passwordFile: /var/run/secrets/llmesh/chat/cacheRedisPassword"));
+        // Not shared, or no cache at all: nothing to copy.
+        let test = render("chat", &spec(CACHED), "test").unwrap();
+        assert_eq!(test.secrets.len(), 1);
+        assert_eq!(test.secrets[0].key, CREDENTIAL_KEY);
+        assert_eq!(render("chat", &spec(CACHED), "dev").unwrap().secrets, []);
+        // Shared without a password: nothing copied, no file.
+        let open = spec("{provider: mock, model: m, cache: {shared: {url: 'redis://r:6379'}}}");
+        let open = render("chat", &open, "prod").unwrap();
+        assert_eq!(open.secrets, []);
+        assert_eq!(
+            open.config.cache.unwrap().shared.unwrap().password_file,
+            None
+        );
+    }
+
+    #[test]
+    fn both_redis_passwords_are_copied_side_by_side() {
+        let endpoint = spec(
+            "
+provider: mock
+model: m
+redisPasswordSecretRef: {name: redis, key: limits}
+cacheRedisPasswordSecretRef: {name: redis, key: cache}
+limits: {requestsPerMinute: 60, scope: global, redis: {url: 'redis://r:6379'}}
+cache: {shared: {url: 'redis://r:6379/1'}}
+",
+        );
+        let r = render("chat", &endpoint, "prod").unwrap();
+        assert_eq!(
+            r.secrets
+                .iter()
+                .map(|c| (c.key, c.source.key.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (REDIS_PASSWORD_KEY, "limits"),
+                (CACHE_REDIS_PASSWORD_KEY, "cache")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cache_password_file_written_in_the_spec_is_refused() {
+        let written = spec(
+            "
+provider: mock
+model: m
+environments:
+  prod: {cache: {shared: {url: 'redis://r:6379', passwordFile: /etc/pw}}}
+",
+        );
+        assert!(render("chat", &written, "dev").is_ok());
+        assert_eq!(
+            render("chat", &written, "prod").unwrap_err().to_string(),
+            "environment prod: cache.shared.passwordFile: is set by the operator; give the password as cacheRedisPasswordSecretRef"
+        );
+        let err = render(
+            "chat",
+            &spec("{provider: mock, model: m, cache: {ttl: 1h, size: 3}}"),
+            "dev",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("environment dev: cache: unknown field `size`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_null_cache_survives_a_round_trip_and_an_absent_one_stays_absent() {
+        let endpoint = spec(CACHED);
+        assert_eq!(endpoint.environments["dev"].cache, Some(None));
+        assert_eq!(
+            endpoint.environments["prod"]
+                .cache
+                .as_ref()
+                .map(Option::is_some),
+            Some(true)
+        );
+        assert_eq!(
+            endpoint.environments["test"]
+                .cache
+                .as_ref()
+                .map(Option::is_some),
+            Some(true)
+        );
+        assert_eq!(spec("{provider: mock, model: m}").base.cache, None);
+        let json = serde_json::to_value(&endpoint).unwrap();
+        assert_eq!(json["environments"]["dev"]["cache"], Value::Null);
+        assert!(json["environments"]["dev"]
+            .as_object()
+            .unwrap()
+            .contains_key("cache"));
+        let back: LlmEndpointSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, endpoint);
     }
 
     #[test]

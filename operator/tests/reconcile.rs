@@ -305,7 +305,7 @@ async fn a_secret_created_late_or_rotated_is_picked_up() {
 }
 
 #[tokio::test]
-async fn the_redis_password_is_copied_beside_the_key_and_kept_out_of_the_config() {
+async fn the_redis_passwords_are_copied_beside_the_key_and_kept_out_of_the_config() {
     let s = setup("redis-password", "prod").await;
     create_secret(&s.client, &s.ns, "openai", "sk-prod").await;
     create_endpoint_with(
@@ -321,30 +321,46 @@ async fn the_redis_password_is_copied_beside_the_key_and_kept_out_of_the_config(
                 "requestsPerMinute": 600,
                 "scope": "global",
                 "redis": {"url": "redis://redis.llmesh:6379"}
-            }
+            },
+            "cacheRedisPasswordSecretRef": {"name": "cache-redis", "key": "password"},
+            "cache": {"shared": {"url": "redis://cache.llmesh:6379"}}
         }),
     )
     .await;
-    let waiting = wait_status(&s.client, &s.ns, "chat", |e| {
-        condition(e, "CredentialsResolved").is_some_and(|c| c.reason == "SecretNotFound")
-    })
-    .await;
-    assert!(condition(&waiting, "CredentialsResolved")
-        .unwrap()
-        .message
-        .contains("/redis does not exist"));
+    let missing = |secret: &'static str| {
+        move |e: &LlmEndpoint| {
+            condition(e, "CredentialsResolved").is_some_and(|c| {
+                c.reason == "SecretNotFound" && c.message.contains(&format!("/{secret} does not"))
+            })
+        }
+    };
+    let waiting = wait_status(&s.client, &s.ns, "chat", missing("redis")).await;
     assert_eq!(condition(&waiting, "Ready").unwrap().status, "False");
 
     let started = tokio::time::Instant::now();
     create_secret_with(&s.client, &s.ns, "redis", "password", "redis-pw-1").await;
-    let ready = wait_status(&s.client, &s.ns, "chat", is_ready).await;
+    let waiting = wait_status(&s.client, &s.ns, "chat", missing("cache-redis")).await;
+    assert_eq!(condition(&waiting, "Ready").unwrap().status, "False");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the password's Secret is watched too"
     );
+    let started = tokio::time::Instant::now();
+    create_secret_with(&s.client, &s.ns, "cache-redis", "password", "cache-pw-1").await;
+    let ready = wait_status(&s.client, &s.ns, "chat", is_ready).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the cache password's Secret is watched too"
+    );
     assert_eq!(
         condition(&ready, "CredentialsResolved").unwrap().message,
-        "copied openai/apiKey, redis/password"
+        "copied openai/apiKey, redis/password, cache-redis/password"
+    );
+    assert_eq!(
+        copied(&s.client, &s.ns, "chat", "cacheRedisPassword")
+            .await
+            .as_deref(),
+        Some("cache-pw-1")
     );
     assert_eq!(
         copied(&s.client, &s.ns, "chat", "redisPassword")
@@ -361,7 +377,12 @@ async fn the_redis_password_is_copied_beside_the_key_and_kept_out_of_the_config(
         config.limits.redis.unwrap().password_file.unwrap(),
         std::path::Path::new("/var/run/secrets/llmesh/chat/redisPassword")
     );
-    assert!(!format!("{:?}", cm.data).contains("redis-pw-1"));
+    assert_eq!(
+        config.cache.unwrap().shared.unwrap().password_file.unwrap(),
+        std::path::Path::new("/var/run/secrets/llmesh/chat/cacheRedisPassword")
+    );
+    let rendered_data = format!("{:?}", cm.data);
+    assert!(!rendered_data.contains("redis-pw-1") && !rendered_data.contains("cache-pw-1"));
 
     create_secret_with(&s.client, &s.ns, "redis", "password", "redis-pw-2").await;
     let rotated = eventually(WAIT, || async {
@@ -373,6 +394,16 @@ async fn the_redis_password_is_copied_beside_the_key_and_kept_out_of_the_config(
     })
     .await;
     assert!(rotated.is_some(), "the rotated password was copied");
+    create_secret_with(&s.client, &s.ns, "cache-redis", "password", "cache-pw-2").await;
+    let rotated = eventually(WAIT, || async {
+        (copied(&s.client, &s.ns, "chat", "cacheRedisPassword")
+            .await
+            .as_deref()
+            == Some("cache-pw-2"))
+        .then_some(())
+    })
+    .await;
+    assert!(rotated.is_some(), "the rotated cache password was copied");
 }
 
 #[tokio::test]

@@ -15,7 +15,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use llmesh_sidecar::config::is_dns_label;
 
-use crate::render::{CONFIG_FILE, CREDENTIAL_KEY, CREDENTIAL_MOUNT_ROOT, REDIS_PASSWORD_KEY};
+use crate::render::{
+    CACHE_REDIS_PASSWORD_KEY, CONFIG_FILE, CREDENTIAL_KEY, CREDENTIAL_MOUNT_ROOT,
+    REDIS_PASSWORD_KEY,
+};
 
 /// The pod annotation that asks for the sidecar: LlmEndpoint names, comma-separated, or `*`.
 pub const ENDPOINTS_ANNOTATION: &str = "llmesh.io/endpoints";
@@ -395,7 +398,7 @@ fn credentials_volume(endpoints: &[String]) -> Volume {
             secret: Some(SecretProjection {
                 name: format!("llmesh-{name}"),
                 items: Some(
-                    [CREDENTIAL_KEY, REDIS_PASSWORD_KEY]
+                    [CREDENTIAL_KEY, REDIS_PASSWORD_KEY, CACHE_REDIS_PASSWORD_KEY]
                         .into_iter()
                         .map(|key| KeyToPath {
                             key: key.into(),
