@@ -12,6 +12,13 @@ configured but never triggered, and with the same limits shared through a real
 redis-server. While llmesh (bare, metrics on) is under load, /metrics is scraped every
 200 ms and the scrape times are reported.
 
+Not run by default: llmesh-translated (the same endpoint called with Anthropic's Messages
+API), and the response cache (docs/cache.md): llmesh-cache-hit, whose every request is a hit
+(the same `temperature: 0` body each time), against nginx-static, nginx serving a file
+holding the same answer; and llmesh-cache-miss, whose every request goes upstream and is
+stored (`x-llmesh-cache: no-cache`: the lookup is skipped, the key, the recording and the
+store are not), against llmesh.
+
 Used by bench/run.sh, which installs the tools and builds the release binaries first.
 """
 
@@ -114,12 +121,16 @@ class Scraper:
 
 
 class Target:
-    def __init__(self, name, url, pid=None, body_file=None):
+    def __init__(self, name, url, pid=None, body_file=None, headers=(), streams=True):
         self.name = name
         self.url = url
         self.pid = pid
         # The request body, when it is not the chat body every other target gets.
         self.body_file = body_file
+        # Extra request headers ("name: value").
+        self.headers = headers
+        # Whether the stream client (which speaks chat completions, uncached) runs against it.
+        self.streams = streams
 
 
 def start_fake_upstream(port):
@@ -149,7 +160,14 @@ SIDECARS = {
         + ", scope: global, redis: {url: 'redis://127.0.0.1:REDIS_PORT'}}",
         [],
     ),
+    # The response cache (docs/cache.md), called with CACHE_BODY: every request a hit ...
+    "llmesh-cache-hit": (BARE + "\n    cache: {ttl: 1h}", []),
+    # ... or, with `x-llmesh-cache: no-cache`, every request fetched and stored (identical
+    # requests at once would otherwise be coalesced, and a tiny ttl would make them wait).
+    "llmesh-cache-miss": (BARE + "\n    cache: {ttl: 1h}", []),
 }
+CACHE_TARGETS = {"llmesh-cache-hit", "llmesh-cache-miss", "nginx-static"}
+OPT_IN = {"llmesh-translated", *CACHE_TARGETS}
 # Plain English, so that the tokenizer does the work it does on real prompts.
 PROMPT = ("Summarise the quarterly report: revenue rose twelve percent while costs held steady, "
           "and the board approved the new hiring plan for the support team in Lisbon. ") * 6
@@ -247,12 +265,69 @@ http {{
     return proc
 
 
-def run_oha(oha, url, body_file, seconds, connections, rate):
+def start_nginx_static(tmp, answer, port):
+    """nginx answering every request with the file `answer`, as a static file."""
+    root = tmp / "nginx-static"
+    root.mkdir(exist_ok=True)
+    (root / "answer.json").write_bytes(answer)
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes auto;
+daemon off;
+user root;
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {root}/nginx-access.log;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    sendfile on;
+    open_file_cache max=16;
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 32m;
+        default_type application/json;
+        location / {{
+            # The static module answers POST with 405: served as the file all the same.
+            error_page 405 =200 /answer.json;
+            rewrite ^ /answer.json break;
+            root {root};
+        }}
+    }}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(root)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def fetch(url, body_file, headers=()):
+    """The response body of one POST of `body_file`, and its x-llmesh-cache header."""
+    import urllib.request
+    request = urllib.request.Request(url, data=pathlib.Path(body_file).read_bytes(), method="POST")
+    request.add_header("content-type", "application/json")
+    for header in headers:
+        name, value = header.split(":", 1)
+        request.add_header(name.strip(), value.strip())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read(), response.headers.get("x-llmesh-cache")
+
+
+def run_oha(oha, url, body_file, seconds, connections, rate, headers=()):
     args = [
         oha, url, "-z", f"{seconds}s", "-c", str(connections), "-m", "POST",
         "-H", "content-type: application/json", "-D", str(body_file),
         "--no-tui", "--output-format", "json",
     ]
+    for header in headers:
+        args += ["-H", header]
     if rate:
         args += ["-q", str(rate), "--latency-correction"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -275,6 +350,21 @@ def summarize_oha(raw):
     }
 
 
+def requests_by_cache(metrics_url):
+    """llmesh_requests_total summed by its cache label."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("llmesh_requests_total{"):
+            cache = re.search(r'cache="([^"]*)"', line)
+            key = cache.group(1) if cache else ""
+            counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
 def run_stream_bench(url, streams, chunks, interval_ms):
     out = subprocess.run(
         [str(RELEASE / "llmesh-stream-bench"), "--url", url, "--streams", str(streams),
@@ -292,14 +382,14 @@ def main():
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rates", default="500,2000,0", help="0 means unlimited")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
-    default_proxies = [n for n in SIDECARS if n != "llmesh-translated"]
+    default_proxies = [n for n in SIDECARS if n not in OPT_IN]
     parser.add_argument("--proxies", default=",".join([*default_proxies, "nginx"]),
-                        help=f"which of {', '.join([*SIDECARS, 'nginx'])} to run")
+                        help=f"which of {', '.join([*SIDECARS, 'nginx', 'nginx-static'])} to run")
     parser.add_argument("--baseline", metavar="BINARY",
                         help="another llmesh-sidecar build (say, of an older commit) to run side by side as "
                              "llmesh-baseline, with the endpoint alone: no retry, breaker or limits blocks, "
                              "so that builds which predate them accept the config")
-    local_sidecars = [n for n in SIDECARS if n != "llmesh-redis"]
+    local_sidecars = [n for n in SIDECARS if n != "llmesh-redis" and n not in CACHE_TARGETS]
     parser.add_argument("--baseline-as", metavar="NAME", choices=local_sidecars,
                         help="run the --baseline build with this configuration instead (one of "
                              f"{', '.join(local_sidecars)}), to compare two builds on the same settings")
@@ -315,6 +405,9 @@ def main():
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": 64,
     }))
+    # The same request, cacheable: it does not sample.
+    cache_body_file = tmp / "cache-body.json"
+    cache_body_file.write_text(json.dumps({**json.loads(body_file.read_text()), "temperature": 0}))
     messages_body_file = tmp / "messages-body.json"
     messages_body_file.write_text(json.dumps({
         "model": "chat",
@@ -331,8 +424,23 @@ def main():
         targets = [Target("direct", f"http://127.0.0.1:{up_port}{path}")]
         redis_port = None
         metrics_url = None
-        for name in proxies:
+        cache_metrics = {}
+        # nginx-static serves the cached answer, known once llmesh-cache-hit has stored it.
+        if "nginx-static" in proxies and "llmesh-cache-hit" not in proxies:
+            parser.error("nginx-static serves llmesh-cache-hit's answer: run both")
+        for name in sorted(proxies, key=lambda n: n == "nginx-static"):
             port = free_port()
+            if name == "nginx-static":
+                hit_url = next(t.url for t in targets if t.name == "llmesh-cache-hit")
+                answer, outcome = fetch(hit_url, cache_body_file)
+                assert outcome == "hit-memory", f"llmesh-cache-hit answered with {outcome}"
+                proc = start_nginx_static(tmp, answer, port)
+                static = fetch(f"http://127.0.0.1:{port}{path}", cache_body_file)[0]
+                assert static == answer, "nginx-static serves the cached answer"
+                procs.append(proc)
+                targets.append(Target(name, f"http://127.0.0.1:{port}{path}", proc.pid, cache_body_file,
+                                      streams=False))
+                continue
             if name == "nginx":
                 proc = start_nginx(tmp, up_port, port)
             elif name == "llmesh-baseline":
@@ -349,10 +457,18 @@ def main():
                 proc = start_sidecar(tmp, name, settings, extra_args, up_port, port, admin_port)
                 if name == "llmesh":
                     metrics_url = f"http://127.0.0.1:{admin_port}/metrics"
+                if name in CACHE_TARGETS:
+                    cache_metrics[name] = f"http://127.0.0.1:{admin_port}/metrics"
             procs.append(proc)
             if name == "llmesh-translated":
                 targets.append(Target(name, f"http://127.0.0.1:{port}/v1/messages", proc.pid,
-                                      messages_body_file))
+                                      messages_body_file, streams=False))
+            elif name in CACHE_TARGETS:
+                url = f"http://127.0.0.1:{port}{path}"
+                headers = ("x-llmesh-cache: no-cache",) if name == "llmesh-cache-miss" else ()
+                # The first call stores the answer: from then on every hit target's call is a hit.
+                assert fetch(url, cache_body_file, headers)[1] == "miss"
+                targets.append(Target(name, url, proc.pid, cache_body_file, headers, streams=False))
             else:
                 targets.append(Target(name, f"http://127.0.0.1:{port}{path}", proc.pid))
         time.sleep(0.5)
@@ -369,7 +485,7 @@ def main():
                     leases0 = redis_lease_calls(redis_port) if t.name == "llmesh-redis" else 0
                     scraper = Scraper(metrics_url) if t.name == "llmesh" and metrics_url else None
                     raw = run_oha(args.oha, t.url, t.body_file or body_file, args.seconds,
-                                  args.connections, rate)
+                                  args.connections, rate, t.headers)
                     if scraper:
                         scrape_ms.setdefault(str(rate), []).extend(scraper.stop())
                     s = summarize_oha(raw)
@@ -383,12 +499,14 @@ def main():
                         s["redis_calls_per_10k"] = (redis_lease_calls(redis_port) - leases0) / max(s["requests"], 1) * 10_000
                     results["rates"].setdefault(str(rate), {}).setdefault(t.name, []).append(s)
                     print(f"round {rnd} rate {rate or 'max'} {t.name}: {json.dumps(s)}", file=sys.stderr)
-            # The stream client speaks chat completions only.
-            for t in (t for t in order if t.body_file is None):
+            for t in (t for t in order if t.streams):
                 r = run_stream_bench(t.url, 100, 200, 5)
                 results["streaming"].setdefault(t.name, []).append(r)
                 print(f"round {rnd} streaming {t.name}: {json.dumps(r)}", file=sys.stderr)
         peak_rss = {t.name: memory_kb(t.pid, "VmHWM") for t in targets if t.pid}
+        # What the cache did, to check that the hit target's calls were hits and the miss
+        # target's misses.
+        cache_outcomes = {name: requests_by_cache(url) for name, url in cache_metrics.items()}
         load_after = pathlib.Path("/proc/loadavg").read_text().split()[:3]
     finally:
         for p in procs:
@@ -401,6 +519,7 @@ def main():
 
     report = build_report(results, [t.name for t in targets if t.pid], idle_rss, peak_rss, load_before,
                           load_after, args)
+    report["cache_outcomes"] = cache_outcomes
     report["metrics_scrape_ms"] = {
         rate: {"scrapes": len(ms), "p50": statistics.median(ms), "max": max(ms)}
         for rate, ms in scrape_ms.items() if ms
@@ -427,6 +546,8 @@ def build_report(results, proxies, idle_rss, peak_rss, load_before, load_after, 
             runs = by_target[name]
             # Added latency: the proxy's percentile minus direct's, paired within each round.
             row[name] = {
+                "p50_ms": med(runs, "p50_ms"),
+                "p99_ms": med(runs, "p99_ms"),
                 "added_p50_ms": statistics.median(r["p50_ms"] - d["p50_ms"] for r, d in zip(runs, direct)),
                 "added_p99_ms": statistics.median(r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct)),
                 "rps": med(runs, "rps"),
@@ -469,6 +590,21 @@ def render(report):
                 f"| {label} | {name} | {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['rps']:.0f} "
                 f"| {r['cpu_s_per_10k']:.3f} | {r['user_cpu_s_per_10k']:.3f} | {r['non_2xx_or_errors']} |"
             )
+    compared = [p for p in ("llmesh", *sorted(CACHE_TARGETS)) if p in report["proxies"]]
+    if any(p in CACHE_TARGETS for p in compared):
+        lines.append("")
+        lines.append("| rate | target | p50 (ms) | p99 (ms) | throughput (req/s) | CPU s / 10k req | of which user |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for rate, row in report["rates"].items():
+            label = "unlimited" if rate == "0" else f"{rate}/s"
+            for name in compared:
+                r = row[name]
+                lines.append(
+                    f"| {label} | {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['rps']:.0f} "
+                    f"| {r['cpu_s_per_10k']:.3f} | {r['user_cpu_s_per_10k']:.3f} |"
+                )
+        for name, counts in report.get("cache_outcomes", {}).items():
+            lines.append(f"{name}: requests by x-llmesh-cache: {json.dumps(counts, sort_keys=True)}")
     for rate, s in report.get("metrics_scrape_ms", {}).items():
         label = "unlimited" if rate == "0" else f"{rate}/s"
         lines.append(f"/metrics scrape under load ({label}): {s['scrapes']} scrapes, p50 {s['p50']:.2f} ms, max {s['max']:.2f} ms")
