@@ -17,6 +17,9 @@ use crate::dialect::sse::{write_event, write_json_event, SseEvent, SseParser};
 /// The longest piece of text or tool arguments in one synthesized chunk: a word longer than
 /// this is cut, as a tokenizer would, so that no chunk carries a whole paragraph.
 const MAX_PIECE_BYTES: usize = 16;
+/// Short words are joined until a piece is this long, so that the number of chunks (each
+/// ~200 bytes of envelope) stays proportional to the answer's size, whatever its words.
+const MIN_PIECE_BYTES: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -421,14 +424,16 @@ impl StreamRecorder {
     }
 }
 
-/// Word-sized pieces of `text`, each word with the whitespace before it, a word longer than
-/// MAX_PIECE_BYTES cut there; joined they give `text` back.
+/// Word-sized pieces of `text`: words with the whitespace before them, short ones joined
+/// until a piece has MIN_PIECE_BYTES, a word longer than MAX_PIECE_BYTES cut there; joined
+/// they give `text` back.
 fn pieces(text: &str) -> Vec<&str> {
     let mut pieces = Vec::new();
     let mut start = 0;
     let mut after_word = false;
     for (at, c) in text.char_indices() {
-        let word_starts = c.is_whitespace() && after_word;
+        let long_enough = at.saturating_sub(start) >= MIN_PIECE_BYTES;
+        let word_starts = c.is_whitespace() && after_word && long_enough;
         let too_long = at.saturating_sub(start) >= MAX_PIECE_BYTES;
         if word_starts || too_long {
             pieces.extend(text.get(start..at).filter(|p| !p.is_empty()));
@@ -762,7 +767,7 @@ mod tests {
             .iter()
             .filter_map(|d| d["content"].as_str())
             .collect();
-        assert_eq!(texts, ["", "Let", " me", " check", " the", " weather."]);
+        assert_eq!(texts, ["", "Let me check", " the weather."]);
         let calls: Vec<&Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
         assert_eq!(
             calls[0],
@@ -814,8 +819,11 @@ mod tests {
     fn pieces_keep_leading_whitespace_and_cut_long_words() {
         assert_eq!(
             pieces("Hello, big  world\n\nBye"),
-            ["Hello,", " big", "  world", "\n\nBye"]
+            ["Hello, big", "  world\n\nBye"]
         );
+        // However short the words, there are at most about one piece per MIN_PIECE_BYTES.
+        let tiny_words = "a ".repeat(10_000);
+        assert!(pieces(&tiny_words).len() <= tiny_words.len() / MIN_PIECE_BYTES + 1);
         assert_eq!(pieces("  lead"), ["  lead"]);
         assert!(pieces("").is_empty());
         let long = "é".repeat(20);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quick_cache::sync::Cache;
-use quick_cache::Weighter;
+use quick_cache::{OptionsBuilder, Weighter};
 use tokio::time::Instant;
 
 use super::key::CacheKey;
@@ -37,13 +37,31 @@ pub struct MemoryLevel {
 /// answer is a few kilobytes.
 const TYPICAL_ANSWER_BYTES: u64 = 4 * 1024;
 
+/// The memory is split into shards that each hold a part of it: few enough that a shard
+/// holds at least this many of the largest answers allowed.
+const LARGEST_ANSWERS_PER_SHARD: u64 = 4;
+const MAX_SHARDS: u64 = 16;
+
 impl MemoryLevel {
-    pub fn new(max_bytes: u64) -> Self {
+    pub fn new(max_bytes: u64, max_entry_bytes: u64) -> Self {
         let expected = usize::try_from(max_bytes / TYPICAL_ANSWER_BYTES)
             .unwrap_or(usize::MAX)
             .clamp(16, 1 << 20);
+        let shards =
+            (max_bytes / max_entry_bytes.max(1) / LARGEST_ANSWERS_PER_SHARD).clamp(1, MAX_SHARDS);
+        let built = OptionsBuilder::new()
+            .estimated_items_capacity(expected)
+            .weight_capacity(max_bytes)
+            .shards(usize::try_from(shards).unwrap_or(1))
+            .build();
+        let entries = match built {
+            Ok(options) => {
+                Cache::with_options(options, BodySize, Default::default(), Default::default())
+            }
+            Err(_) => Cache::with_weighter(expected, max_bytes, BodySize),
+        };
         Self {
-            entries: Arc::new(Cache::with_weighter(expected, max_bytes, BodySize)),
+            entries: Arc::new(entries),
         }
     }
 
@@ -88,7 +106,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn answers_expire_after_their_ttl() {
-        let level = MemoryLevel::new(1 << 20);
+        let level = MemoryLevel::new(1 << 20, 1 << 16);
         level.put(
             key("a"),
             Bytes::from_static(b"answer"),
@@ -101,7 +119,7 @@ mod tests {
 
     #[test]
     fn the_byte_bound_evicts() {
-        let level = MemoryLevel::new(10_000);
+        let level = MemoryLevel::new(10_000, 1_000);
         for i in 0..100 {
             level.put(
                 key(&i.to_string()),
@@ -114,5 +132,17 @@ mod tests {
             .filter(|i| level.get(&key(&i.to_string())).is_some())
             .count();
         assert!((1..=10).contains(&kept), "{kept}");
+    }
+
+    #[test]
+    fn the_largest_allowed_answer_is_kept() {
+        // 32 MiB and 1 MiB answers: the defaults.
+        let level = MemoryLevel::new(32 << 20, 1 << 20);
+        level.put(
+            key("big"),
+            Bytes::from(vec![b'x'; 1 << 20]),
+            Duration::from_secs(60),
+        );
+        assert!(level.get(&key("big")).is_some());
     }
 }

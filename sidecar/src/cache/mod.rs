@@ -30,6 +30,11 @@ use shared::SharedLevel;
 /// look up nor store). Response: what the cache did.
 pub static LLMESH_CACHE: HeaderName = HeaderName::from_static("x-llmesh-cache");
 
+/// The longest an identical request waits for the one fetching its answer before it calls
+/// the provider itself: the first request's app may read its stream slowly, or not at all,
+/// and a waiting request must not be held up by it for the whole deadline.
+pub const MAX_COALESCED_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What the cache did for one request: its response header, log field and `cache` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheOutcome {
@@ -75,7 +80,7 @@ impl EndpointCache {
     pub fn new(endpoint: &str, config: &CacheConfig) -> Self {
         Self {
             config: config.clone(),
-            memory: MemoryLevel::new(config.memory.max_bytes),
+            memory: MemoryLevel::new(config.memory.max_bytes, config.max_entry_bytes),
             shared: config
                 .shared
                 .as_ref()

@@ -3,7 +3,10 @@
 //! starts and when it ends, not on every request.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use redis::AsyncCommands;
@@ -27,7 +30,12 @@ pub struct SharedLevel {
     key_prefix: String,
     link: RedisLink,
     available: AtomicBool,
+    /// When a call last failed: while Redis is down it is tried at most once per
+    /// RETRY_INTERVAL, so that requests do not each wait for its timeout.
+    failed_at: Mutex<Option<Instant>>,
 }
+
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 impl SharedLevel {
     pub fn new(endpoint: &str, config: &SharedCacheConfig) -> Self {
@@ -40,6 +48,7 @@ impl SharedLevel {
                 config.timeout.get(),
             ),
             available: AtomicBool::new(true),
+            failed_at: Mutex::new(None),
         }
     }
 
@@ -85,6 +94,17 @@ impl SharedLevel {
         &self,
         call: impl std::future::Future<Output = Result<T, SharedCacheError>>,
     ) -> Option<T> {
+        if !self.available.load(Ordering::Relaxed) {
+            let recently = self
+                .failed_at
+                .lock()
+                .ok()
+                .and_then(|at| *at)
+                .is_some_and(|at| at.elapsed() < RETRY_INTERVAL);
+            if recently {
+                return None;
+            }
+        }
         let timeout = self.link.timeout();
         let outcome = match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
@@ -99,6 +119,9 @@ impl SharedLevel {
             }
             Err(error) => {
                 self.link.forget_connection();
+                if let Ok(mut at) = self.failed_at.lock() {
+                    *at = Some(Instant::now());
+                }
                 if self.available.swap(false, Ordering::Relaxed) {
                     tracing::warn!(endpoint = %self.endpoint, %error, "the shared cache's Redis is unreachable: its lookups are misses until it is back");
                 }

@@ -8,7 +8,7 @@ use std::fmt;
 
 use http::{HeaderName, Uri};
 
-use super::{EndpointConfig, LimitScope, ProviderKind, ResponsesMode, SidecarConfig};
+use super::{CacheConfig, EndpointConfig, LimitScope, ProviderKind, ResponsesMode, SidecarConfig};
 use http::HeaderValue;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +123,9 @@ fn validate_endpoint(c: &mut Collector, at: &str, e: &EndpointConfig) {
     }
     validate_timeouts(c, at, e);
     validate_provider_fields(c, at, e);
+    if let Some(cache) = &e.cache {
+        validate_cache(c, &format!("{at}.cache"), cache);
+    }
     validate_resilience(c, at, e);
     if let Some(price) = &e.price {
         for (name, value) in [
@@ -263,30 +266,10 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
             "is required when limits.scope is global",
         ),
         (LimitScope::Global, Some(redis)) => {
-            // The URL is not echoed: it may carry a password.
-            let parsed = redis
-                .url
-                .starts_with("redis://")
-                .then(|| redis::IntoConnectionInfo::into_connection_info(redis.url.as_str()).ok());
-            match (parsed.flatten(), &redis.password_file) {
-                (None, _) => c.fail(
-                    format!("{at}.limits.redis.url"),
-                    "must look like redis://[USER@]HOST:PORT[/DB]",
-                ),
-                (Some(info), Some(_)) if info.redis_settings().password().is_some() => c.fail(
-                    format!("{at}.limits.redis.passwordFile"),
-                    "the URL holds a password too; keep it in one place, the file",
-                ),
-                (Some(_), Some(file)) => {
-                    check_secret_file(c, format!("{at}.limits.redis.passwordFile"), file)
-                }
-                (Some(_), None) => {}
-            }
+            let at_redis = format!("{at}.limits.redis");
+            check_redis(c, &at_redis, &redis.url, redis.password_file.as_deref());
             if redis.timeout.is_zero() {
-                c.fail(
-                    format!("{at}.limits.redis.timeout"),
-                    "must be greater than 0",
-                );
+                c.fail(format!("{at_redis}.timeout"), "must be greater than 0");
             }
             if !l.any_limit() {
                 c.fail(
@@ -311,6 +294,54 @@ fn validate_resilience(c: &mut Collector, at: &str, e: &EndpointConfig) {
         (LimitScope::Local, None) => {}
     }
 }
+
+/// A Redis URL and its password file. The URL is not echoed: it may carry a password.
+fn check_redis(c: &mut Collector, at: &str, url: &str, password_file: Option<&std::path::Path>) {
+    let parsed = url
+        .starts_with("redis://")
+        .then(|| redis::IntoConnectionInfo::into_connection_info(url).ok());
+    match (parsed.flatten(), password_file) {
+        (None, _) => c.fail(
+            format!("{at}.url"),
+            "must look like redis://[USER@]HOST:PORT[/DB]",
+        ),
+        (Some(info), Some(_)) if info.redis_settings().password().is_some() => c.fail(
+            format!("{at}.passwordFile"),
+            "the URL holds a password too; keep it in one place, the file",
+        ),
+        (Some(_), Some(file)) => check_secret_file(c, format!("{at}.passwordFile"), file),
+        (Some(_), None) => {}
+    }
+}
+
+fn validate_cache(c: &mut Collector, at: &str, cache: &CacheConfig) {
+    if cache.ttl.is_zero() {
+        c.fail(format!("{at}.ttl"), "must be greater than 0");
+    }
+    if cache.max_entry_bytes == 0 {
+        c.fail(format!("{at}.maxEntryBytes"), "must be greater than 0");
+    }
+    if cache.memory.max_bytes == 0 {
+        c.fail(format!("{at}.memory.maxBytes"), "must be greater than 0");
+    } else if cache.max_entry_bytes > cache.memory.max_bytes / MIN_ENTRIES_IN_MEMORY {
+        // The memory level's shards each hold a part of maxBytes: an entry near the whole of
+        // it would never be kept.
+        c.fail(
+            format!("{at}.maxEntryBytes"),
+            format!("must be at most memory.maxBytes / {MIN_ENTRIES_IN_MEMORY}, so that the memory level can hold such an answer"),
+        );
+    }
+    if let Some(shared) = &cache.shared {
+        let at_shared = format!("{at}.shared");
+        check_redis(c, &at_shared, &shared.url, shared.password_file.as_deref());
+        if shared.timeout.is_zero() {
+            c.fail(format!("{at_shared}.timeout"), "must be greater than 0");
+        }
+    }
+}
+
+/// How many of the largest allowed answers the memory level must be able to hold.
+const MIN_ENTRIES_IN_MEMORY: u64 = 16;
 
 fn validate_provider_fields(c: &mut Collector, at: &str, e: &EndpointConfig) {
     let provider = e.provider.as_str();
@@ -617,6 +648,33 @@ mod tests {
             !errs.concat().contains("s3cret"),
             "a Redis password is not echoed"
         );
+    }
+
+    #[test]
+    fn cache_settings_are_checked() {
+        let errs = errors(
+            "endpoints:
+              - name: a
+                provider: mock
+                model: m
+                cache: {ttl: 0s, maxEntryBytes: 1000000, memory: {maxBytes: 1000000},
+                        shared: {url: 'http://nope', timeout: 0s}}
+              - name: b
+                provider: mock
+                model: m
+                cache: {shared: {url: 'redis://:pw@127.0.0.1:6379', passwordFile: /p}}",
+        );
+        assert_eq!(
+            errs,
+            [
+                "endpoints[0].cache.ttl: must be greater than 0",
+                "endpoints[0].cache.maxEntryBytes: must be at most memory.maxBytes / 16, so that the memory level can hold such an answer",
+                "endpoints[0].cache.shared.url: must look like redis://[USER@]HOST:PORT[/DB]",
+                "endpoints[0].cache.shared.timeout: must be greater than 0",
+                "endpoints[1].cache.shared.passwordFile: the URL holds a password too; keep it in one place, the file",
+            ]
+        );
+        assert!(errors("endpoints: [{name: a, provider: mock, model: m, cache: {}}]").is_empty());
     }
 
     #[test]

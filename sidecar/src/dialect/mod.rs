@@ -153,8 +153,15 @@ impl Translation {
             object.insert("model".to_string(), Value::String(endpoint.model.clone()));
             // The translation asks chat servers for usage in streams; Azure's older API
             // versions refuse the whole request for it.
-            if !crate::provider::accepts_stream_options(endpoint) {
-                object.remove("stream_options");
+            if self.wire == Dialect::Chat {
+                if !crate::provider::accepts_stream_options(endpoint) {
+                    object.remove("stream_options");
+                }
+                if crate::provider::takes_max_completion_tokens(endpoint) {
+                    if let Some(max) = object.remove("max_tokens") {
+                        object.insert("max_completion_tokens".to_string(), max);
+                    }
+                }
             }
         }
         // Serializing a Value into a Vec cannot fail.
@@ -321,6 +328,31 @@ mod tests {
             "{name: v, provider: openai-compatible, model: m, baseUrl: 'http://x/v1', responses: native}",
         );
         assert_eq!(plan("/responses", &native), Plan::Native);
+    }
+
+    #[test]
+    fn openai_gets_max_completion_tokens_and_self_hosted_servers_max_tokens() {
+        let messages =
+            br#"{"model":"x","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+        let translation = Translation {
+            app: Dialect::Messages,
+            wire: Dialect::Chat,
+        };
+        let sent = |yaml: &str| -> Value {
+            serde_json::from_slice(&translation.request(messages, &endpoint(yaml)).unwrap())
+                .unwrap()
+        };
+        let openai = sent("{name: o, provider: openai, model: gpt-5, credential: {file: /k}}");
+        assert_eq!(openai["max_completion_tokens"], 100);
+        assert!(openai.get("max_tokens").is_none());
+        assert_eq!(openai["model"], "gpt-5");
+        let local =
+            sent("{name: l, provider: openai-compatible, model: m, baseUrl: 'http://x/v1'}");
+        assert_eq!(local["max_tokens"], 100);
+        let old_azure = sent(
+            "{name: a, provider: azure-openai, model: m, baseUrl: 'https://r.openai.azure.com', credential: {file: /k}, azure: {apiVersion: '2024-06-01'}}",
+        );
+        assert_eq!(old_azure["max_tokens"], 100);
     }
 
     #[test]

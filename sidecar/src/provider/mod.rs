@@ -42,6 +42,17 @@ pub fn accepts_stream_options(endpoint: &EndpointConfig) -> bool {
     }
 }
 
+/// Whether the endpoint's chat API wants `max_completion_tokens` rather than `max_tokens`:
+/// OpenAI's reasoning models refuse `max_tokens`, and every current OpenAI model takes the
+/// newer name; self-hosted servers mostly know only `max_tokens`.
+pub fn takes_max_completion_tokens(endpoint: &EndpointConfig) -> bool {
+    match endpoint.provider {
+        ProviderKind::Openai => true,
+        ProviderKind::AzureOpenai => accepts_stream_options(endpoint),
+        ProviderKind::OpenaiCompatible | ProviderKind::Mock | ProviderKind::Anthropic => false,
+    }
+}
+
 /// Where the requests of one upstream (non-mock) endpoint are sent.
 #[derive(Debug, Clone)]
 pub struct Target {

@@ -68,6 +68,8 @@ pub struct Accounting {
     pub strip_usage: Option<UsageChunkStripper>,
     /// Set when the answer is to be stored in the endpoint's cache.
     pub recording: Option<Recording>,
+    /// A translated JSON answer's usage as the upstream reported it.
+    pub upstream_tap: Option<UsageTap>,
 }
 
 impl ResponseBody {
@@ -93,8 +95,15 @@ impl ResponseBody {
         let log = &mut self.log;
         if let Some(accounting) = self.accounting.take() {
             let _entered = self.span.enter();
-            let usage = accounting.tap.usage();
-            let chunks = accounting.tap.streamed_chunks();
+            // A translation's usage is the one the upstream reported (or did not): the app's
+            // dialect may need usage fields the translation can only fill with zeros.
+            let upstream_tap = match &self.kind {
+                BodyKind::Translated(translated) => Some(&translated.upstream_tap),
+                _ => accounting.upstream_tap.as_ref(),
+            };
+            let counted = upstream_tap.unwrap_or(&accounting.tap);
+            let usage = counted.usage();
+            let chunks = counted.streamed_chunks();
             let prompt_estimate = accounting.permit.as_ref().map(|p| p.prompt_tokens());
             if log.wants_finish_reasons() {
                 log.finish_reasons = accounting.tap.finish_reasons();
@@ -281,6 +290,8 @@ fn ended_outcome(kind: &BodyKind) -> Outcome {
 pub struct TranslatedBody {
     inner: BodyKind,
     stream: TranslatingStream,
+    /// Reads usage from the upstream's own events, before translation.
+    upstream_tap: UsageTap,
     /// The inner body ended and the translator's last events were given.
     done: bool,
 }
@@ -290,6 +301,7 @@ impl TranslatedBody {
         Self {
             inner,
             stream,
+            upstream_tap: UsageTap::new(true),
             done: false,
         }
     }
@@ -301,17 +313,20 @@ impl TranslatedBody {
             }
             return match poll_kind(&mut self.inner, cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => match self.stream.push(&data) {
-                        Ok(out) if out.is_empty() => continue,
-                        Ok(out) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
-                        Err(error) => {
-                            // An upstream event that never ends: cut off, as a body that
-                            // breaks is, rather than held in memory.
-                            self.done = true;
-                            tracing::warn!(%error, "upstream stream could not be translated");
-                            Poll::Ready(Some(Err(error.into())))
+                    Ok(data) => {
+                        self.upstream_tap.observe(&data);
+                        match self.stream.push(&data) {
+                            Ok(out) if out.is_empty() => continue,
+                            Ok(out) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
+                            Err(error) => {
+                                // An upstream event that never ends: cut off, as a body that
+                                // breaks is, rather than held in memory.
+                                self.done = true;
+                                tracing::warn!(%error, "upstream stream could not be translated");
+                                Poll::Ready(Some(Err(error.into())))
+                            }
                         }
-                    },
+                    }
                     Err(trailers) => Poll::Ready(Some(Ok(trailers))),
                 },
                 Poll::Ready(None) => {

@@ -120,7 +120,7 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
             }
             continue;
         }
-        let reserve = reservation(&call.body, endpoint, &mut prompt).await;
+        let reserve = reservation(&call.body, call.api_path, endpoint, &mut prompt).await;
         let permit = match resilience.limiter.acquire_for(reserve, deadline).await {
             Ok(permit) => permit,
             Err(error) => {
@@ -352,12 +352,17 @@ const MAX_RESERVED_CHOICES: u64 = 128;
 /// remaining-tokens hint).
 async fn reservation(
     body: &CallBody<'_>,
+    api_path: &str,
     endpoint: &Endpoint,
     prompt: &mut Option<Prompt>,
 ) -> Reservation {
     let CallBody::Json { bytes, .. } = body else {
         return Reservation::default();
     };
+    // Counting a prompt's tokens generates nothing and is not billed.
+    if api_path == "/messages/count_tokens" {
+        return Reservation::default();
+    }
     let limiter = &endpoint.resilience.limiter;
     if !limiter.counts_tokens() {
         return Reservation {

@@ -355,21 +355,34 @@ async fn json_call(
             // An identical request is fetching this answer: it is awaited, then served from
             // the cache (or, if it was not stored, fetched again here).
             Turn::Wait(waiting) => {
-                cache::wait(waiting, endpoint.config.timeouts.total.get()).await;
+                let at_most = endpoint
+                    .config
+                    .timeouts
+                    .total
+                    .get()
+                    .min(cache::MAX_COALESCED_WAIT);
+                cache::wait(waiting, at_most).await;
                 if let Some(served) = hit.answer(log).await {
                     return Ok(served);
                 }
             }
         }
     }
+    let primary = Arc::clone(&endpoint);
     let mut served = call_endpoint(
         snapshot, endpoint, &parts, api_path, ids, log, &bytes, &json, ask_usage,
     )
     .await?;
+    // Stored only when the endpoint itself answered: the key is its own, and a fallback's
+    // answer must not be served as its answer later.
+    let answered_itself = served
+        .endpoint
+        .as_ref()
+        .is_some_and(|e| Arc::ptr_eq(e, &primary));
     if let (Use::Cached { cache, key, .. }, Some(accounting)) =
         (cache_use, served.accounting.as_mut())
     {
-        if accounting.success {
+        if accounting.success && answered_itself {
             let sse = accounting.tap.is_sse();
             accounting.recording = Some(Recording::new(cache, key, api_path, sse, fetching));
         }
@@ -471,6 +484,7 @@ async fn call_endpoint(
                     success: true,
                     strip_usage: (ask_usage && sse).then(UsageChunkStripper::default),
                     recording: None,
+                    upstream_tap: None,
                 }),
             })
         }
@@ -503,6 +517,7 @@ async fn call_endpoint(
                     success,
                     strip_usage: strip_usage.then(UsageChunkStripper::default),
                     recording: None,
+                    upstream_tap: None,
                 }),
             })
         }
@@ -578,6 +593,7 @@ async fn passthrough(
                     success: true,
                     strip_usage: None,
                     recording: None,
+                    upstream_tap: None,
                 }),
             })
         }
@@ -692,6 +708,7 @@ async fn translated_answer(
     let wire = translation.wire();
     let body = UpstreamBody::new(body, &endpoint, sse, deadline, wire);
     let streamed = sse && success;
+    let mut upstream_tap = None;
     let body = if streamed {
         let translated =
             TranslatedBody::new(BodyKind::Upstream(body), translation.stream(app_request));
@@ -715,6 +732,9 @@ async fn translated_answer(
                 });
             }
         };
+        let mut tap = UsageTap::new(false);
+        tap.observe(&upstream);
+        upstream_tap = Some(tap);
         let translated = if success {
             translation.response(&upstream, app_request)
         } else {
@@ -749,6 +769,7 @@ async fn translated_answer(
             success,
             strip_usage: (ask_usage && streamed).then(UsageChunkStripper::default),
             recording: None,
+            upstream_tap,
         }),
     })
 }
@@ -802,6 +823,7 @@ async fn route_missing_upstream(
                 success: false,
                 strip_usage: None,
                 recording: None,
+                upstream_tap: None,
             }),
         }));
     }
