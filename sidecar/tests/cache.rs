@@ -896,3 +896,34 @@ async fn two_sidecars_share_answers_through_redis_and_survive_its_outage() {
             .await
     );
 }
+
+/// An answer a fallback gave is not stored under the failed endpoint's key.
+#[tokio::test]
+async fn a_fallbacks_answer_is_not_stored_as_the_endpoints() {
+    let upstream = FakeUpstream::start().await.unwrap();
+    let closed = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "endpoints:
+  - name: broken
+    provider: openai-compatible
+    model: upstream-model
+    baseUrl: http://127.0.0.1:{closed}/v1
+    retry: {{maxAttempts: 1}}
+    fallbacks: [working]
+    cache: {{ttl: 60s}}
+  - name: working
+    provider: openai-compatible
+    model: upstream-model
+    baseUrl: {base}
+    retry: {{maxAttempts: 1}}
+",
+        base = upstream.base_url()
+    ));
+    let mut body = chat("through the fallback", json!({}));
+    body["model"] = "broken".into();
+    for _ in 0..2 {
+        let answer = call(&sidecar, CHAT, &body, &[]).await;
+        assert_eq!((answer.status, answer.cache.as_str()), (200, "miss"));
+    }
+    assert_eq!(upstream.requests().len(), 2);
+}
