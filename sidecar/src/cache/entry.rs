@@ -187,6 +187,10 @@ fn append(slot: &mut Option<String>, piece: &Value) -> Result<(), Unusable> {
 
 impl Answer {
     fn chunk(&mut self, kind: Kind, chunk: &Map<String, Value>) -> Result<(), Unusable> {
+        // A chunk of another API than the route's would fold into an empty answer.
+        if str_field(chunk, "object")?.is_some_and(|object| object != kind.chunk_object()) {
+            return Err(Unusable);
+        }
         keep_first(&mut self.id, chunk.get("id"));
         keep_first(&mut self.created, chunk.get("created"));
         keep_first(&mut self.model, chunk.get("model"));
@@ -978,6 +982,21 @@ mod tests {
             true,
         );
         assert_eq!(record(CHAT, &[&mixed]), None);
+    }
+
+    #[test]
+    fn chunks_of_another_api_are_not_stored() {
+        let chat_chunks = concat!(
+            "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",",
+            "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut as_completion = StreamRecorder::new("/completions", LIMIT);
+        as_completion.push(chat_chunks.as_bytes());
+        assert!(as_completion.finish().is_none());
+        let mut as_chat = StreamRecorder::new(CHAT, LIMIT);
+        as_chat.push(chat_chunks.as_bytes());
+        assert!(as_chat.finish().is_some());
     }
 
     #[test]
