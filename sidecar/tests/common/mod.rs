@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod redis;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_llmesh-sidecar");
 
 pub struct Sidecar {
