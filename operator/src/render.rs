@@ -480,7 +480,7 @@ secretRef: {name: openai, key: apiKey}
 cacheRedisPasswordSecretRef: {name: redis, key: password}
 cache:
   ttl: 1h
-  memory: {maxBytes: 1000000}
+  memory: {maxBytes: 100000000}
   shared: {url: 'redis://redis.llmesh:6379', keyPrefix: shop}
 environments:
   dev: {provider: mock, cache: null}
@@ -493,7 +493,7 @@ environments:
         let staging = render("chat", &spec(CACHED), "staging").unwrap().config;
         let cache = staging.cache.unwrap();
         assert_eq!(cache.ttl, Duration::from_secs(3600));
-        assert_eq!(cache.memory.max_bytes, 1_000_000);
+        assert_eq!(cache.memory.max_bytes, 100_000_000);
         assert!(!cache.allow_sampling);
         assert_eq!(cache.max_entry_bytes, 1024 * 1024, "the sidecar's default");
         let prod = render("chat", &spec(CACHED), "prod").unwrap().config;
