@@ -226,50 +226,9 @@ def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_po
     return proc
 
 
-def start_nginx(tmp, upstream_port, port):
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes auto;
-daemon off;
-user root;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log {tmp}/nginx-access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 32m;
-        location / {{
-            proxy_pass http://fake;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer {KEY}";
-            proxy_buffering off;
-            proxy_read_timeout 600s;
-        }}
-    }}
-}}
-"""
-    )
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc
-
-
-def start_nginx_static(tmp, answer, port):
-    """nginx answering every request with the file `answer`, as a static file."""
-    root = tmp / "nginx-static"
-    root.mkdir(exist_ok=True)
-    (root / "answer.json").write_bytes(answer)
+def run_nginx(root, port, http_body):
+    """nginx with its files under `root`, logging every request, serving `http_body` (the
+    `http` block's directives after the common ones)."""
     conf = root / "nginx.conf"
     conf.write_text(
         f"""
@@ -286,6 +245,39 @@ http {{
     fastcgi_temp_path {root}/fastcgi;
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
+{http_body}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(root)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def start_nginx(tmp, upstream_port, port):
+    return run_nginx(tmp, port, f"""
+    upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 32m;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {KEY}";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}""")
+
+
+def start_nginx_static(tmp, answer, port):
+    """nginx answering every request with the file `answer`, as a static file."""
+    root = tmp / "nginx-static"
+    root.mkdir(exist_ok=True)
+    (root / "answer.json").write_bytes(answer)
+    return run_nginx(root, port, f"""
     sendfile on;
     open_file_cache max=16;
     server {{
@@ -298,14 +290,7 @@ http {{
             rewrite ^ /answer.json break;
             root {root};
         }}
-    }}
-}}
-"""
-    )
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(root)], stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc
+    }}""")
 
 
 def fetch(url, body_file, headers=()):
