@@ -145,6 +145,7 @@ def start_fake_upstream(port):
 # Limits far above what the load reaches, so that admission does all its work (counting
 # prompt tokens, taking from the buckets, holding a concurrency slot, settling usage) but
 # never makes a request wait.
+PRICE = "price: {inputPerMillionTokens: 0.15, outputPerMillionTokens: 0.6}"
 UNTRIGGERED_LIMITS = "requestsPerMinute: 100000000, tokensPerMinute: 100000000000, maxConcurrent: 100000"
 BARE = "retry: {maxAttempts: 1}\n    circuitBreaker: {consecutiveFailures: 0}"
 # name: (endpoint settings, extra command-line arguments)
@@ -152,6 +153,11 @@ SIDECARS = {
     "llmesh": (BARE, []),
     "llmesh-nometrics": (BARE, ["--metrics", "false"]),
     "llmesh-limits": (f"retry: {{maxAttempts: 3}}\n    limits: {{{UNTRIGGERED_LIMITS}}}", []),
+    # Every feature a production endpoint turns on, none of them triggered: retries and the
+    # circuit breaker at their defaults, request, token (counted with gpt-4o-mini's o200k
+    # tokenizer) and concurrency limits, a price, metrics and one JSON log line a request.
+    # Issue 19's yardstick, against nginx proxying and logging every request.
+    "llmesh-features": (f"limits: {{{UNTRIGGERED_LIMITS}}}\n    {PRICE}", []),
     # The same endpoint as llmesh, called with Anthropic's Messages API (/v1/messages):
     # request and answer are translated to and from the upstream's chat completions.
     "llmesh-translated": (BARE, []),

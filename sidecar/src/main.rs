@@ -95,7 +95,8 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&schema)?);
         return Ok(());
     }
-    logging::init(cli.log_format, &cli.log).map_err(anyhow::Error::msg)?;
+    // Dropped last, at the end of main: pending log lines are written before exit.
+    let _log_writer = logging::init(cli.log_format, &cli.log).map_err(anyhow::Error::msg)?;
     let source = match (&cli.config, &cli.config_dir, &cli.expect_endpoints) {
         (Some(file), None, None) => ConfigSource::File(file.clone()),
         (None, Some(dir), None) => ConfigSource::Dir(dir.clone()),
@@ -161,9 +162,10 @@ fn run(
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let app_listeners = server::bind_app_listeners(cli.listen, workers)
+    let app_listener = server::bind_app_listener(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
-    let app_addr = app_listeners[0].local_addr()?;
+    let app_addr = app_listener.local_addr()?;
+    let (balancer, inboxes) = server::balance::channels(workers);
     let admin_listener = std::net::TcpListener::bind(cli.admin_listen)
         .with_context(|| format!("cannot listen on {} (admin)", cli.admin_listen))?;
     admin_listener.set_nonblocking(true)?;
@@ -171,7 +173,7 @@ fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = cli.shutdown_grace.get();
     let mut worker_threads = Vec::with_capacity(workers);
-    for (i, listener) in app_listeners.into_iter().enumerate() {
+    for (i, inbox) in inboxes.into_iter().enumerate() {
         let state = state.clone();
         let shutdown = shutdown_rx.clone();
         let thread = std::thread::Builder::new()
@@ -180,11 +182,8 @@ fn run(
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                runtime.block_on(async move {
-                    let listener = TcpListener::from_std(listener)?;
-                    server::serve_app(listener, state, shutdown, grace).await;
-                    Ok(())
-                })
+                runtime.block_on(server::serve_app(inbox, state, shutdown, grace));
+                Ok(())
             })
             .context("cannot start a worker thread")?;
         worker_threads.push(thread);
@@ -196,6 +195,9 @@ fn run(
         .context("cannot start the async runtime")?;
     control.block_on(async move {
         let admin_listener = TcpListener::from_std(admin_listener)?;
+        // On this thread, off the workers': accepting is rare next to requests (SDKs keep
+        // their connections open), and the handoff must not wait behind a busy worker.
+        tokio::spawn(balancer.run(TcpListener::from_std(app_listener)?, shutdown_rx.clone()));
         tracing::info!(
             app = %app_addr,
             admin = %admin_listener.local_addr()?,

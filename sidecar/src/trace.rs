@@ -53,16 +53,32 @@ impl TraceContext {
     }
 
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        let mut out = String::with_capacity(32);
+        push_hex(&mut out, self.trace_id, 32);
+        out
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        let value = format!(
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        );
+        // Written digit by digit: `format!` with padded hex costs several times more, and
+        // this runs on every request.
+        let mut value = String::with_capacity(55);
+        value.push_str("00-");
+        push_hex(&mut value, self.trace_id, 32);
+        value.push('-');
+        push_hex(&mut value, u128::from(self.span_id), 16);
+        value.push('-');
+        push_hex(&mut value, u128::from(self.flags), 2);
         // Only hex digits and dashes: always a valid header value.
         HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// The low `digits` hex digits of `value`, lowercase and zero-padded.
+fn push_hex(out: &mut String, value: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        let nibble = value.checked_shr(i * 4).unwrap_or(0) & 0xf;
+        out.push(char::from(HEX[nibble as usize]));
     }
 }
 
@@ -105,6 +121,23 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(&TRACEPARENT, HeaderValue::from_str(value).unwrap());
         headers
+    }
+
+    #[test]
+    fn ids_are_written_as_padded_lowercase_hex() {
+        for (trace_id, span_id, flags) in [(1, 1, 0), (u128::MAX, u64::MAX, 0xff), (0xabc, 0x10, 1)] {
+            let ctx = TraceContext {
+                trace_id,
+                span_id,
+                parent_span_id: None,
+                flags,
+            };
+            assert_eq!(ctx.trace_id_hex(), format!("{trace_id:032x}"));
+            assert_eq!(
+                ctx.header_value(),
+                format!("00-{trace_id:032x}-{span_id:016x}-{flags:02x}").as_str()
+            );
+        }
     }
 
     #[test]

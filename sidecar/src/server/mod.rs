@@ -22,41 +22,32 @@ use tokio::sync::watch;
 
 use crate::reload::SharedState;
 
-/// One listening socket per worker thread on the same address (`SO_REUSEPORT`): the kernel
-/// spreads new connections over the workers, and each worker's accept loop, connections
-/// and upstream pool stay on its own thread, as in nginx's worker model.
-///
-/// Port 0 is resolved by the first bind and the others join that port.
-pub fn bind_app_listeners(
-    addr: SocketAddr,
-    workers: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut listeners = Vec::with_capacity(workers);
-    let mut addr = addr;
-    for _ in 0..workers.max(1) {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        let listener: std::net::TcpListener = socket.into();
-        addr = listener.local_addr()?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
+pub mod balance;
+
+/// The app port's listening socket. One socket for all workers (not one each with
+/// `SO_REUSEPORT`, whose hash split leaves one worker with more of a burst of new
+/// connections than the other): [`balance`] hands each connection to the least loaded worker.
+pub fn bind_app_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // Above std's 128: a burst of SDK clients connecting at once is not refused.
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// How long a client on the admin port (reachable from the pod network) may take to send
 /// its request headers.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Serves the app connections that [`balance`] hands to this worker.
 pub async fn serve_app(
-    listener: TcpListener,
+    inbox: balance::Inbox,
     state: Arc<SharedState>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -64,9 +55,16 @@ pub async fn serve_app(
     // No header timeout on the app port: it is loopback only, and SDK connection pools
     // legitimately keep idle connections open.
     let builder = auto::Builder::new(TokioExecutor::new());
-    serve(listener, builder, shutdown, grace, "app", move |req| {
-        crate::proxy::handle(Arc::clone(&state), req)
-    })
+    let counted = inbox.counter();
+    serve_wrapped(
+        inbox,
+        builder,
+        shutdown,
+        grace,
+        "app",
+        move |stream| std::future::ready(Some(counted.track(stream))),
+        move |req| crate::proxy::handle(Arc::clone(&state), req),
+    )
     .await;
 }
 
@@ -101,14 +99,15 @@ pub async fn serve_admin(
 /// The accept loop behind every llmesh HTTP listener: serves `handler` until `shutdown`
 /// changes, then lets open connections finish for up to `grace`. `builder` sets the HTTP
 /// versions (`http1_only()` for HTTP/1.1 alone) and their settings.
-pub async fn serve<F, Fut, B>(
-    listener: TcpListener,
+pub async fn serve<L, F, Fut, B>(
+    listener: L,
     builder: auto::Builder<TokioExecutor>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
     name: &'static str,
     handler: F,
 ) where
+    L: Accept,
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
@@ -121,8 +120,8 @@ pub async fn serve<F, Fut, B>(
 
 /// [`serve`], each accepted connection first going through `wrap` (a TLS handshake, say) in
 /// its own task; a connection that `wrap` turns into `None` is closed.
-pub async fn serve_wrapped<W, WFut, S, F, Fut, B>(
-    listener: TcpListener,
+pub async fn serve_wrapped<L, W, WFut, S, F, Fut, B>(
+    mut listener: L,
     builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -130,6 +129,7 @@ pub async fn serve_wrapped<W, WFut, S, F, Fut, B>(
     wrap: W,
     handler: F,
 ) where
+    L: Accept,
     W: Fn(TcpStream) -> WFut,
     WFut: Future<Output = Option<S>> + Send + 'static,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -144,10 +144,12 @@ pub async fn serve_wrapped<W, WFut, S, F, Fut, B>(
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
+            accepted = listener.next_connection() => {
+                let stream = match accepted {
+                    Some(Ok(stream)) => stream,
+                    // The balancer stopped: the process is shutting down.
+                    None => break,
+                    Some(Err(error)) => {
                         // Usually out of file descriptors: back off instead of spinning.
                         tracing::warn!(listener = name, %error, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -189,6 +191,20 @@ pub async fn serve_wrapped<W, WFut, S, F, Fut, B>(
             // Streams still open end with a final error event: a moment to write it.
             let _ = tokio::time::timeout(FINAL_EVENT_TIME, &mut all_finished).await;
         }
+    }
+}
+
+/// Where a serve loop's connections come from: a listener's accept, or [`balance`]'s handoff.
+pub trait Accept {
+    /// The next connection; `None` when no more will come.
+    fn next_connection(
+        &mut self,
+    ) -> impl Future<Output = Option<std::io::Result<TcpStream>>> + Send;
+}
+
+impl Accept for TcpListener {
+    async fn next_connection(&mut self) -> Option<std::io::Result<TcpStream>> {
+        Some(self.accept().await.map(|(stream, _peer)| stream))
     }
 }
 
