@@ -3,6 +3,7 @@
 
 mod json_line;
 mod sink;
+mod span_fields;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -40,6 +41,7 @@ pub fn init(format: LogFormat, filter: &str) -> Result<SinkGuard, String> {
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            .fmt_fields(span_fields::JsonSpanFields)
             .try_init(),
     };
     result.map_err(|e| e.to_string())?;

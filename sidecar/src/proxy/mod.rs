@@ -83,8 +83,8 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     let request_id_text = request_id.to_str().unwrap_or("-").to_string();
     let span = tracing::info_span!(
         "request",
-        request_id = %request_id_text,
-        trace_id = %trace.trace_id_hex()
+        request_id = request_id_text.as_str(),
+        trace_id = trace.trace_id_hex().as_str()
     );
     let mut log = RequestLog::new(
         request_id_text,
