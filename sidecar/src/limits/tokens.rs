@@ -1,10 +1,11 @@
 //! Counting a request's tokens before it is sent, for the tokens-per-minute reservation.
 //!
-//! Prompts are counted with the model's own BPE (tiktoken's `o200k_base` or `cl100k_base`)
-//! when the model is known to use one, else estimated at four bytes a token. The encodings
-//! are large (tens of MB once loaded), so one is loaded only for an endpoint with a
-//! tokens-per-minute limit, on a background thread; requests arriving before it is ready are
-//! estimated rather than delayed.
+//! Prompts are counted with the model's own BPE (tiktoken's `o200k_base` or `cl100k_base`,
+//! counted exactly as tiktoken does by the compact implementation in `bpe`) when the model is
+//! known to use one, else estimated at four bytes a token. An encoding still costs a few MB
+//! and tens of milliseconds to load, so one is loaded only for an endpoint with a
+//! tokens-per-minute limit, once per process, on a background thread; requests arriving
+//! before it is ready are estimated rather than delayed.
 //!
 //! Chat apps send the same system prompt, and re-send the whole conversation, on every
 //! turn; so each message's count is cached (per worker thread, without a lock), and a
@@ -14,10 +15,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use serde_json::Value;
-use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
-use tiktoken_rs::CoreBPE;
+
+mod bpe;
+
+use bpe::Bpe;
 
 /// A request whose prompt text is larger than this is counted on the blocking pool, so that
 /// one huge prompt does not stall the other connections of its worker.
@@ -44,6 +48,36 @@ thread_local! {
 
 static O200K_READY: AtomicBool = AtomicBool::new(false);
 static CL100K_READY: AtomicBool = AtomicBool::new(false);
+static O200K: OnceLock<Option<Bpe>> = OnceLock::new();
+static CL100K: OnceLock<Option<Bpe>> = OnceLock::new();
+
+/// OpenAI's model names, by encoding: exact names, then prefixes of dated or sized variants.
+/// (gpt-oss's o200k_harmony adds only special tokens, which prompts are not counted with.)
+const O200K_MODELS: &[&str] = &["o1", "o3", "o4-mini", "gpt-5", "gpt-4.1", "gpt-4o"];
+const O200K_PREFIXES: &[&str] = &[
+    "o1-",
+    "o3-",
+    "o4-mini-",
+    "gpt-5",
+    "gpt-4.5-",
+    "gpt-4.1-",
+    "chatgpt-4o-",
+    "gpt-4o-",
+    "gpt-oss-",
+    "codex-mini",
+];
+const CL100K_MODELS: &[&str] = &[
+    "gpt-4",
+    "gpt-3.5-turbo",
+    "gpt-3.5",
+    "gpt-35-turbo",
+    "davinci-002",
+    "babbage-002",
+    "text-embedding-ada-002",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+];
+const CL100K_PREFIXES: &[&str] = &["gpt-4-", "gpt-3.5-turbo-", "gpt-35-turbo-"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -55,10 +89,20 @@ pub enum Encoding {
 
 impl Encoding {
     pub fn for_model(model: &str) -> Self {
-        match get_tokenizer(model) {
-            Some(Tokenizer::O200kBase | Tokenizer::O200kHarmony) => Self::O200k,
-            Some(Tokenizer::Cl100kBase) => Self::Cl100k,
-            _ => Self::Estimate,
+        // A fine-tuned model ("ft:gpt-4o-mini:org::id") uses its base model's encoding.
+        let model = match model.strip_prefix("ft:") {
+            Some(tuned) => tuned.split(':').next().unwrap_or(tuned),
+            None => model,
+        };
+        let known = |names: &[&str], prefixes: &[&str]| {
+            names.contains(&model) || prefixes.iter().any(|p| model.starts_with(p))
+        };
+        if known(O200K_MODELS, O200K_PREFIXES) {
+            Self::O200k
+        } else if known(CL100K_MODELS, CL100K_PREFIXES) {
+            Self::Cl100k
+        } else {
+            Self::Estimate
         }
     }
 
@@ -70,12 +114,20 @@ impl Encoding {
         }
     }
 
-    fn bpe(self) -> Option<&'static CoreBPE> {
-        match self {
-            Self::O200k => Some(tiktoken_rs::o200k_base_singleton()),
-            Self::Cl100k => Some(tiktoken_rs::cl100k_base_singleton()),
-            Self::Estimate => None,
-        }
+    fn bpe(self) -> Option<&'static Bpe> {
+        let (cell, load): (_, fn() -> Result<Bpe, bpe::TableError>) = match self {
+            Self::O200k => (&O200K, Bpe::o200k),
+            Self::Cl100k => (&CL100K, Bpe::cl100k),
+            Self::Estimate => return None,
+        };
+        cell.get_or_init(|| {
+            load()
+                .inspect_err(
+                    |e| tracing::error!(encoding = ?self, "prompts will be estimated: {e}"),
+                )
+                .ok()
+        })
+        .as_ref()
     }
 
     /// Loads the encoding on a background thread (once per process).
@@ -99,7 +151,7 @@ impl Encoding {
         }
     }
 
-    fn loaded_bpe(self) -> Option<&'static CoreBPE> {
+    fn loaded_bpe(self) -> Option<&'static Bpe> {
         self.ready_flag()
             .filter(|f| f.load(Ordering::Acquire))
             .and_then(|_| self.bpe())
@@ -213,7 +265,7 @@ impl Prompt {
 /// Tokens of `text`, whose pieces end at `piece_ends` (and at its end). Pieces long enough
 /// to be worth it are counted once and then looked up; runs of short ones are counted
 /// together in one call.
-fn count_pieces(encoding: Encoding, bpe: &CoreBPE, text: &str, piece_ends: &[usize]) -> u64 {
+fn count_pieces(encoding: Encoding, bpe: &Bpe, text: &str, piece_ends: &[usize]) -> u64 {
     let mut total = 0;
     let mut short_run_start = 0;
     let mut start = 0;
@@ -242,7 +294,7 @@ struct CountCache {
 }
 
 impl CountCache {
-    fn count(&mut self, encoding: Encoding, bpe: &CoreBPE, piece: &str) -> u64 {
+    fn count(&mut self, encoding: Encoding, bpe: &Bpe, piece: &str) -> u64 {
         // 64 bits of a keyed hash: a collision would only misjudge one reservation, which
         // the response's real usage settles anyway.
         let key = self.keys.hash_one((encoding, piece));
@@ -263,12 +315,12 @@ impl CountCache {
 
 /// Tokens of `text`, with long runs of non-whitespace estimated so that the work stays
 /// linear in the text's length.
-fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
+fn count_bounded(bpe: &Bpe, text: &str) -> u64 {
     let has_long_run = text
         .split(|c: char| c.is_whitespace())
         .any(|run| run.len() > LONG_RUN_BYTES);
     if !has_long_run {
-        return bpe.encode_ordinary(text).len() as u64;
+        return bpe.count(text) as u64;
     }
     let mut kept = String::with_capacity(text.len().min(64 * 1024));
     let mut estimated = 0;
@@ -281,7 +333,7 @@ fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
             kept.push_str(piece);
         }
     }
-    estimated + bpe.encode_ordinary(&kept).len() as u64
+    estimated + bpe.count(&kept) as u64
 }
 
 /// Four bytes a token: OpenAI's own rule of thumb for English text.
@@ -318,6 +370,62 @@ mod tests {
         assert_eq!(Encoding::for_model("llama-3.1-8b"), Encoding::Estimate);
     }
 
+    #[test]
+    fn models_map_as_tiktoken_rs_maps_them() {
+        use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
+        let models = [
+            "o1",
+            "o1-mini",
+            "o1-preview-2024-09-12",
+            "o3",
+            "o3-mini",
+            "o4-mini",
+            "o4-mini-high",
+            "gpt-5",
+            "gpt-5-mini",
+            "gpt-5.1-codex",
+            "gpt-4.5-preview",
+            "gpt-4.1",
+            "gpt-4.1-nano",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4o-2024-05-13",
+            "chatgpt-4o-latest",
+            "gpt-oss-20b",
+            "codex-mini-latest",
+            "ft:gpt-4o-mini-2024-07-18:org::abc",
+            "ft:gpt-3.5-turbo:x:y",
+            "gpt-4",
+            "gpt-4-turbo",
+            "gpt-4-32k",
+            "gpt-3.5-turbo",
+            "gpt-3.5-turbo-0125",
+            "gpt-3.5",
+            "gpt-35-turbo",
+            "gpt-35-turbo-16k",
+            "davinci-002",
+            "babbage-002",
+            "text-embedding-ada-002",
+            "text-embedding-3-small",
+            "text-embedding-3-large",
+            "text-davinci-003",
+            "davinci",
+            "gpt2",
+            "o2",
+            "gpt-4o1",
+            "claude-3-5-sonnet",
+            "",
+        ];
+        for model in models {
+            let expected = match get_tokenizer(model) {
+                Some(Tokenizer::O200kBase | Tokenizer::O200kHarmony) => Encoding::O200k,
+                Some(Tokenizer::Cl100kBase) => Encoding::Cl100k,
+                _ => Encoding::Estimate,
+            };
+            assert_eq!(Encoding::for_model(model), expected, "{model}");
+        }
+    }
+
     #[tokio::test]
     async fn chat_prompts_are_counted_with_the_real_tokenizer() {
         wait_until_ready(Encoding::Cl100k);
@@ -342,7 +450,7 @@ mod tests {
         // A 300 KB run of one character: tokenized whole, it would take BPE minutes.
         let blob = "x".repeat(300_000);
         let text = format!("{prose}{blob} end");
-        let rest = bpe.encode_ordinary(&format!("{prose} end")).len() as u64;
+        let rest = bpe.count(&format!("{prose} end")) as u64;
         assert_eq!(count_bounded(bpe, &text), 100_000 + rest);
     }
 
@@ -381,7 +489,7 @@ mod tests {
         assert!(!cached("ok\n"));
         assert_eq!(prompt.count(Encoding::O200k).await, first);
         // Counting message by message gives what counting the whole text would.
-        let whole = bpe.encode_ordinary(&prompt.text).len() as u64;
+        let whole = bpe.count(&prompt.text) as u64;
         assert_eq!(first, prompt.fixed_tokens + whole);
     }
 
