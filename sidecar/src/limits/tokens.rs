@@ -17,9 +17,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use serde_json::Value;
 
 mod bpe;
+mod prompt_text;
 
 use bpe::Bpe;
 
@@ -171,82 +171,6 @@ pub struct Prompt {
 }
 
 impl Prompt {
-    /// Reads what counts from a chat, completions, responses or embeddings body.
-    pub fn from_request(body: &[u8]) -> Prompt {
-        let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
-            return Prompt {
-                text: String::from_utf8_lossy(body).into_owned(),
-                choices: 1,
-                ..Prompt::default()
-            };
-        };
-        let mut prompt = Prompt {
-            choices: map.get("n").and_then(Value::as_u64).unwrap_or(1).max(1),
-            max_output: ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-                .iter()
-                .find_map(|k| map.get(*k).and_then(Value::as_u64)),
-            ..Prompt::default()
-        };
-        for key in ["messages", "prompt", "input", "instructions", "system"] {
-            if let Some(value) = map.get(key) {
-                prompt.collect(value, key == "messages");
-            }
-        }
-        for key in ["tools", "functions", "response_format"] {
-            if let Some(value) = map.get(key) {
-                // Tool schemas are sent to the model as text; their JSON size is a fair proxy.
-                prompt.fixed_tokens += value.to_string().len() as u64 / 4;
-            }
-        }
-        prompt
-    }
-
-    fn collect(&mut self, value: &Value, messages: bool) {
-        match value {
-            Value::String(s) => {
-                self.text.push_str(s);
-                self.text.push('\n');
-                self.piece_ends.push(self.text.len());
-            }
-            // Pre-tokenized input (completions, embeddings): each number is one token.
-            Value::Number(_) => self.fixed_tokens += 1,
-            Value::Array(items) => {
-                for item in items {
-                    if messages {
-                        self.fixed_tokens += MESSAGE_OVERHEAD_TOKENS;
-                    }
-                    self.collect(item, false);
-                }
-            }
-            Value::Object(map) => {
-                let kind = map.get("type").and_then(Value::as_str).unwrap_or("");
-                if kind.contains("image") {
-                    self.fixed_tokens += IMAGE_TOKENS;
-                    return;
-                }
-                for (key, v) in map {
-                    match key.as_str() {
-                        "content" | "text" | "input" | "arguments" | "output" | "name" => {
-                            self.collect(v, false)
-                        }
-                        "tool_calls" | "function_call" => self.collect_all_strings(v),
-                        _ => {}
-                    }
-                }
-            }
-            Value::Bool(_) | Value::Null => {}
-        }
-    }
-
-    fn collect_all_strings(&mut self, value: &Value) {
-        match value {
-            Value::String(s) => self.text.push_str(s),
-            Value::Array(items) => items.iter().for_each(|v| self.collect_all_strings(v)),
-            Value::Object(map) => map.values().for_each(|v| self.collect_all_strings(v)),
-            _ => {}
-        }
-    }
-
     /// Prompt tokens: counted with `encoding` if it is loaded, else estimated.
     pub async fn count(&self, encoding: Encoding) -> u64 {
         let Some(bpe) = encoding.loaded_bpe() else {

@@ -356,7 +356,7 @@ async fn reservation(
     endpoint: &Endpoint,
     prompt: &mut Option<Prompt>,
 ) -> Reservation {
-    let CallBody::Json { bytes, .. } = body else {
+    let CallBody::Json { bytes, json, .. } = body else {
         return Reservation::default();
     };
     // Counting a prompt's tokens generates nothing and is not billed.
@@ -370,7 +370,7 @@ async fn reservation(
             output: 0,
         };
     }
-    let parsed = prompt.get_or_insert_with(|| Prompt::from_request(bytes));
+    let parsed = prompt.get_or_insert_with(|| Prompt::from_fields(|name| json.get(name)));
     let output = parsed
         .max_output
         .unwrap_or(u64::from(limiter.default_max_tokens()))

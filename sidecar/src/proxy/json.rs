@@ -51,7 +51,7 @@ impl<'a> RequestJson<'a> {
         }
     }
 
-    fn get(&self, name: &str) -> Option<&'a RawValue> {
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
         // The last occurrence wins, as in most JSON parsers (and so at the provider).
         self.fields
             .iter()

@@ -1,0 +1,367 @@
+//! Reading what counts from a request body: its prompt text, fixed costs (images, message
+//! framing, tool schemas) and output bounds.
+//!
+//! Read in one pass over the bytes, with no JSON tree: the top level is split into raw
+//! fields, and the prompt's fields are walked by visitors that append strings straight to
+//! the prompt's text. Building a `serde_json::Value` of the body instead (a map and a
+//! string for every field of every message) cost more than all the rest of admitting a
+//! request.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Prompt, IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS};
+
+/// The fields whose strings are prompt text, in the order they are read.
+const TEXT_FIELDS: [&str; 5] = ["messages", "prompt", "input", "instructions", "system"];
+/// Fields sent to the model as JSON text: a quarter of their compact size in tokens.
+const SCHEMA_FIELDS: [&str; 3] = ["tools", "functions", "response_format"];
+const MAX_OUTPUT_FIELDS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];
+/// Fields of a message or content part whose strings are text the model reads.
+const TEXT_MEMBERS: [&str; 6] = ["content", "text", "input", "arguments", "output", "name"];
+/// Fields of a message whose strings all count, wherever they are nested.
+const NESTED_TEXT_MEMBERS: [&str; 2] = ["tool_calls", "function_call"];
+
+impl Prompt {
+    /// Reads what counts from a chat, completions, responses or embeddings body, given its
+    /// top-level fields as raw JSON (`field(name)`: the field's last occurrence), as the
+    /// proxy has already split them.
+    pub fn from_fields<'a>(field: impl Fn(&str) -> Option<&'a RawValue>) -> Prompt {
+        let number = |name: &str| field(name).and_then(|v| v.get().parse::<u64>().ok());
+        let mut prompt = Prompt {
+            choices: number("n").unwrap_or(1).max(1),
+            max_output: MAX_OUTPUT_FIELDS.iter().find_map(|name| number(name)),
+            ..Prompt::default()
+        };
+        for name in TEXT_FIELDS {
+            if let Some(raw) = field(name) {
+                let mut reader = serde_json::Deserializer::from_str(raw.get());
+                let collect = Collect {
+                    prompt: &mut prompt,
+                    messages: name == "messages",
+                };
+                // Already checked to be valid JSON: nothing to report.
+                let _ = collect.deserialize(&mut reader);
+            }
+        }
+        for name in SCHEMA_FIELDS {
+            if let Some(raw) = field(name) {
+                prompt.fixed_tokens += compact_json_len(raw.get()) as u64 / 4;
+            }
+        }
+        prompt
+    }
+
+    /// [`Self::from_fields`] of a whole body; a body that is not a JSON object counts as text.
+    #[cfg(test)]
+    pub fn from_request(body: &[u8]) -> Prompt {
+        let Some(fields) = top_level_fields(body) else {
+            return Prompt {
+                text: String::from_utf8_lossy(body).into_owned(),
+                choices: 1,
+                ..Prompt::default()
+            };
+        };
+        Prompt::from_fields(|name| fields.iter().rev().find(|(k, _)| k == name).map(|(_, v)| *v))
+    }
+
+    fn push_piece(&mut self, text: &str) {
+        self.text.push_str(text);
+        self.text.push('\n');
+        self.piece_ends.push(self.text.len());
+    }
+}
+
+#[cfg(test)]
+type Fields<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
+/// A key or string, borrowed from the body unless it has escapes.
+#[derive(Deserialize)]
+struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// The top-level fields of a JSON object, values left as raw slices; `None` when the body
+/// is not one.
+#[cfg(test)]
+fn top_level_fields(body: &[u8]) -> Option<Fields<'_>> {
+    struct ObjectFields;
+
+    impl<'de> Visitor<'de> for ObjectFields {
+        type Value = Fields<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+            while let Some((Borrowed(key), value)) = map.next_entry::<Borrowed<'de>, &'de RawValue>()? {
+                fields.push((key, value));
+            }
+            Ok(fields)
+        }
+    }
+
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let fields = reader.deserialize_map(ObjectFields).ok()?;
+    reader.end().ok()?;
+    Some(fields)
+}
+
+/// The length `json` would have serialized without white space between tokens.
+fn compact_json_len(json: &str) -> usize {
+    let mut len = 0;
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in json.bytes() {
+        if in_string {
+            len += 1;
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if !byte.is_ascii_whitespace() {
+            len += 1;
+            in_string = byte == b'"';
+        }
+    }
+    len
+}
+
+/// Appends a value's prompt text: each string a piece of its own; in `messages`, each
+/// element costs its framing; in an object, the text members (an image part, whatever
+/// its members, costs [`IMAGE_TOKENS`] instead).
+struct Collect<'p> {
+    prompt: &'p mut Prompt,
+    messages: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Collect<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Collect<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("prompt text")
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<(), E> {
+        self.prompt.push_piece(text);
+        Ok(())
+    }
+
+    /// Pre-tokenized input (completions, embeddings): each number is one token.
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.prompt.fixed_tokens += 1;
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        self.prompt.fixed_tokens += 1;
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        self.prompt.fixed_tokens += 1;
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        loop {
+            if self.messages {
+                self.prompt.fixed_tokens += MESSAGE_OVERHEAD_TOKENS;
+            }
+            let item = Collect {
+                prompt: &mut *self.prompt,
+                messages: false,
+            };
+            if items.next_element_seed(item)?.is_none() {
+                if self.messages {
+                    // The loop charged one element too many: the end is not a message.
+                    self.prompt.fixed_tokens -= MESSAGE_OVERHEAD_TOKENS;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
+        // The part's `type` may come after its text: read on, and take the text back out
+        // if the part turns out to be an image.
+        let (text_len, pieces, fixed) = (
+            self.prompt.text.len(),
+            self.prompt.piece_ends.len(),
+            self.prompt.fixed_tokens,
+        );
+        let mut image = false;
+        while let Some(Borrowed(key)) = members.next_key::<Borrowed<'de>>()? {
+            if key == "type" {
+                // Raw, so that a `type` that is not a string is skipped like any other value.
+                let kind = members.next_value::<&'de RawValue>()?;
+                image |= serde_json::from_str::<Borrowed<'_>>(kind.get())
+                    .is_ok_and(|Borrowed(kind)| kind.contains("image"));
+            } else if TEXT_MEMBERS.contains(&key.as_ref()) {
+                members.next_value_seed(Collect {
+                    prompt: &mut *self.prompt,
+                    messages: false,
+                })?;
+            } else if NESTED_TEXT_MEMBERS.contains(&key.as_ref()) {
+                members.next_value_seed(AllStrings(&mut *self.prompt))?;
+            } else {
+                members.next_value::<IgnoredAny>()?;
+            }
+        }
+        if image {
+            self.prompt.text.truncate(text_len);
+            self.prompt.piece_ends.truncate(pieces);
+            self.prompt.fixed_tokens = fixed + IMAGE_TOKENS;
+        }
+        Ok(())
+    }
+}
+
+/// Appends every string of a value, nested or not, keys aside, with no piece boundaries.
+struct AllStrings<'p>(&'p mut Prompt);
+
+impl<'de> DeserializeSeed<'de> for AllStrings<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AllStrings<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<(), E> {
+        self.0.text.push_str(text);
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        while items.next_element_seed(AllStrings(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
+        while members.next_key::<IgnoredAny>()?.is_some() {
+            members.next_value_seed(AllStrings(&mut *self.0))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(body: serde_json::Value) -> Prompt {
+        Prompt::from_request(body.to_string().as_bytes())
+    }
+
+    #[test]
+    fn messages_text_framing_images_and_tool_calls() {
+        let prompt = read(json!({
+            "model": "m", "n": 2, "max_tokens": 50,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"content": [
+                    {"text": "look at this", "type": "text"},
+                    {"image_url": {"url": "data:image/png;base64,AAAA"}, "type": "image_url"},
+                ], "role": "user"},
+                {"role": "assistant", "content": null, "name": "helper",
+                 "tool_calls": [{"id": "c1", "function": {"name": "lookup", "arguments": "{\"q\":1}"}}]},
+                {"role": "tool", "content": "42"},
+            ],
+        }));
+        assert_eq!(prompt.choices, 2);
+        assert_eq!(prompt.max_output, Some(50));
+        assert_eq!(prompt.text, "Be brief.\nlook at this\nhelper\nc1lookup{\"q\":1}42\n");
+        assert_eq!(prompt.piece_ends.len(), 4);
+        assert_eq!(prompt.fixed_tokens, 4 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
+    }
+
+    #[test]
+    fn fields_are_read_in_a_fixed_order_and_the_last_duplicate_wins() {
+        let body = br#"{"system":"s","input":"i","prompt":"old","prompt":"p","instructions":"x","max_output_tokens":7,"max_tokens":9}"#;
+        let prompt = Prompt::from_request(body);
+        assert_eq!(prompt.text, "p\ni\nx\ns\n");
+        assert_eq!(prompt.max_output, Some(9), "max_tokens is read before max_output_tokens");
+        assert_eq!(prompt.choices, 1);
+    }
+
+    #[test]
+    fn token_arrays_count_a_token_a_number() {
+        let prompt = read(json!({"input": [[1, 2, 3], [4, 5]], "n": 0}));
+        assert_eq!(prompt.fixed_tokens, 5);
+        assert_eq!(prompt.choices, 1, "n = 0 still generates one choice's worth");
+    }
+
+    #[test]
+    fn tool_schemas_cost_a_quarter_of_their_compact_size() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        let compact = tools.to_string();
+        let spaced = format!("{{\"tools\": {}}}", serde_json::to_string_pretty(&tools).unwrap());
+        let prompt = Prompt::from_request(spaced.as_bytes());
+        assert_eq!(prompt.fixed_tokens, compact.len() as u64 / 4);
+        assert_eq!(compact_json_len(r#" { "a" : "x \" y" } "#), r#"{"a":"x \" y"}"#.len());
+    }
+
+    #[test]
+    fn anything_else_is_text_and_nothing_panics() {
+        for body in [&b"not json"[..], b"[1,2]", b"{\"messages\":", b"\xff\xfe", b"", b"{}{}"] {
+            let prompt = Prompt::from_request(body);
+            assert_eq!(prompt.text, String::from_utf8_lossy(body));
+            assert_eq!(prompt.choices, 1);
+        }
+        // Odd shapes inside an object are read as far as they make sense.
+        let prompt = read(json!({"messages": [1, "two", [3], {"content": {"text": true}}, null], "n": "x", "max_tokens": -1}));
+        assert_eq!(prompt.text, "two\n");
+        assert_eq!(prompt.choices, 1);
+        assert_eq!(prompt.max_output, None);
+    }
+}
