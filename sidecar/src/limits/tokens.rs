@@ -13,7 +13,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::quality::RandomState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
