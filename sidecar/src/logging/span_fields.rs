@@ -126,6 +126,12 @@ impl Visit for ObjectWriter {
 fn push_json_string(out: &mut String, text: &str) {
     out.reserve(text.len() + 2);
     out.push('"');
+    // Ids and names rarely need an escape: one quick pass to find out.
+    if !text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     let mut copied = 0;
     for (at, byte) in text.bytes().enumerate() {
         let escape = match byte {

@@ -209,6 +209,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (server, _) = listener.accept().unwrap();
+        // As the balancer's own accepted connections are (tokio's `into_std` keeps them so).
+        server.set_nonblocking(true).unwrap();
         server
     }
 

@@ -320,7 +320,8 @@ mod tests {
         }));
         assert_eq!(prompt.choices, 2);
         assert_eq!(prompt.max_output, Some(50));
-        assert_eq!(prompt.text, "Be brief.\nlook at this\nhelper\nc1lookup{\"q\":1}42\n");
+        // json! sorts members: the tool call's strings come as `function` {arguments, name}, `id`.
+        assert_eq!(prompt.text, "Be brief.\nlook at this\nhelper\n{\"q\":1}lookupc142\n");
         assert_eq!(prompt.piece_ends.len(), 4);
         assert_eq!(prompt.fixed_tokens, 4 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
     }
