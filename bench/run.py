@@ -560,6 +560,32 @@ def build_report(results, proxies, idle_rss, peak_rss, load_before, load_after, 
     return report
 
 
+def render_against_nginx(report, name):
+    """Issue 19's yardstick: `name`'s figures as ratios to nginx's in the same run (at or
+    under 1 is the goal; throughput at or over 1)."""
+    def ratio(ours, theirs):
+        return f"{ours / theirs:.2f}×" if theirs > 0 else "n/a"
+
+    lines = [f"| {name} vs nginx | {name} | nginx | ratio |", "| --- | --- | --- | --- |"]
+    for rate, row in report["rates"].items():
+        ours, theirs = row[name], row["nginx"]
+        if rate == "0":
+            lines.append(f"| max throughput (req/s) | {ours['rps']:.0f} | {theirs['rps']:.0f} | {ratio(ours['rps'], theirs['rps'])} |")
+            continue
+        for key, label in (("added_p50_ms", "added p50 (ms)"), ("added_p99_ms", "added p99 (ms)"),
+                           ("cpu_s_per_10k", "CPU s / 10k req"), ("user_cpu_s_per_10k", "of which user")):
+            lines.append(f"| {label} at {rate}/s | {ours[key]:.3f} | {theirs[key]:.3f} | {ratio(ours[key], theirs[key])} |")
+    streams = report["streaming"]
+    if name in streams and "nginx" in streams and "direct" in streams:
+        direct = streams["direct"]
+        for key, label in (("ttft_p50_ms", "added TTFT p50 (ms)"), ("ttft_p99_ms", "added TTFT p99 (ms)")):
+            ours, theirs = streams[name][key] - direct[key], streams["nginx"][key] - direct[key]
+            lines.append(f"| {label}, 100 streams at once | {ours:.2f} | {theirs:.2f} | {ratio(ours, theirs)} |")
+    peak = report["memory_kb"]["peak_rss"]
+    lines.append(f"| peak RSS (MiB) | {peak[name] / 1024:.1f} | {peak['nginx'] / 1024:.1f} | {ratio(peak[name], peak['nginx'])} |")
+    return lines
+
+
 def med(runs, key):
     return statistics.median(r[key] for r in runs)
 
@@ -610,6 +636,9 @@ def render(report):
     lines.append("| --- |" + " --- |" * len(report["proxies"]))
     for kind in ("idle_rss", "peak_rss"):
         lines.append(f"| {kind.replace('_', ' ')} | " + " | ".join(f"{m[kind][p] / 1024:.1f}" for p in report["proxies"]) + " |")
+    if "llmesh-features" in report["proxies"] and "nginx" in report["proxies"]:
+        lines.append("")
+        lines.extend(render_against_nginx(report, "llmesh-features"))
     lines.append("")
     lines.append("| streaming (100 × 200 chunks @ 5 ms) | TTFT p50 (ms) | TTFT p99 (ms) | completed | events | frames with >1 event |")
     lines.append("| --- | --- | --- | --- | --- | --- |")

@@ -99,6 +99,8 @@ class Sidecar:
         self._logs = logs
 
     def logs(self):
+        # The sidecar writes its log in batches at most 20 ms apart: wait for the one in flight.
+        time.sleep(0.06)
         return "".join(self._logs)
 
     def metrics(self):

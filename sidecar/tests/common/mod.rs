@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// The sidecar writes its log in batches, at most 20 ms after a line is logged
+/// (`logging::sink::BATCH_DELAY`), plus the time to read them from its stderr.
+const LOG_BATCH_DELAY: Duration = Duration::from_millis(60);
+
 pub mod redis;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_llmesh-sidecar");
@@ -134,12 +138,20 @@ impl Sidecar {
         (r.status().as_u16(), r.json().await.expect("/readyz body"))
     }
 
+    /// The log so far, once the batch of lines in flight has been written.
     pub fn logs(&self) -> String {
+        std::thread::sleep(LOG_BATCH_DELAY);
+        self.logs_now()
+    }
+
+    fn logs_now(&self) -> String {
         self.logs.lock().expect("log lock").join("\n")
     }
 
-    /// The JSON log lines whose `message` is `message`.
+    /// The JSON log lines whose `message` is `message`, once the batch of lines in flight
+    /// has been written.
     pub fn log_events(&self, message: &str) -> Vec<serde_json::Value> {
+        std::thread::sleep(LOG_BATCH_DELAY);
         self.logs
             .lock()
             .expect("log lock")
@@ -153,7 +165,7 @@ impl Sidecar {
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.logs().contains(needle) {
+            if self.logs_now().contains(needle) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -6,7 +6,10 @@
 //! `llmesh_*`. Every label value comes from the config or from a fixed set: never a request
 //! id, user input or key. docs/metrics.md lists them all.
 
+mod call_series;
+
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus::{
@@ -46,7 +49,11 @@ const TOKEN_BUCKETS: &[f64] = &[
 const MAX_MODEL_LABELS: usize = 64;
 pub const OTHER_MODEL: &str = "other";
 
+/// Numbers each `Metrics`, so that series cached per thread are found in their own.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
 pub struct Metrics {
+    id: u64,
     registry: Registry,
     requests: IntCounterVec,
     in_flight: IntGauge,
@@ -283,6 +290,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             in_flight,
@@ -328,53 +336,70 @@ impl Metrics {
     pub fn request_finished(&self, r: &FinishedRequest<'_>) {
         let c = r.call;
         self.in_flight.dec();
-        self.requests
-            .with_label_values(&[c.endpoint, c.model, c.operation, r.status, r.cache])
-            .inc();
-        self.duration
-            .with_label_values(&[
-                c.endpoint,
-                c.model,
-                c.operation,
-                c.provider,
-                r.error_type.unwrap_or(""),
-            ])
-            .observe(r.seconds);
+        let labels = [
+            c.endpoint,
+            c.model,
+            c.operation,
+            c.provider,
+            r.status,
+            r.cache,
+            r.error_type.unwrap_or(""),
+        ];
+        let series = call_series::series(self.id, labels, || self.resolve_series(labels));
+        series.requests.inc();
+        series.duration.observe(r.seconds);
+        let call = [c.endpoint, c.model, c.operation, c.provider];
         if let Some(seconds) = r.first_chunk_seconds {
-            self.first_chunk
-                .with_label_values(&[c.endpoint, c.model, c.operation, c.provider])
+            series
+                .first_chunk
+                .get_or_init(|| self.first_chunk.with_label_values(&call))
                 .observe(seconds);
         }
-        if let Some(tokens) = r.tokens {
-            let source = if tokens.reported {
-                "reported"
-            } else {
-                "estimated"
-            };
-            for (token_type, count) in [("input", tokens.input), ("output", tokens.output)] {
+        let Some(tokens) = r.tokens else {
+            return;
+        };
+        let (by_source, source) = if tokens.reported {
+            (&series.reported_tokens, "reported")
+        } else {
+            (&series.estimated_tokens, "estimated")
+        };
+        let [input, output] = by_source.get_or_init(|| {
+            ["input", "output"].map(|token_type| {
+                let [endpoint, model, operation, provider] = call;
                 self.tokens
-                    .with_label_values(&[
-                        c.endpoint,
-                        c.model,
-                        c.operation,
-                        c.provider,
-                        token_type,
-                        source,
-                    ])
-                    .observe(count as f64);
+                    .with_label_values(&[endpoint, model, operation, provider, token_type, source])
+            })
+        });
+        input.observe(tokens.input as f64);
+        output.observe(tokens.output as f64);
+        for (kind, count) in [("read", tokens.cache_read), ("write", tokens.cache_write)] {
+            if count > 0 {
+                self.cache_tokens
+                    .with_label_values(&[c.endpoint, c.model, kind])
+                    .inc_by(count);
             }
-            for (kind, count) in [("read", tokens.cache_read), ("write", tokens.cache_write)] {
-                if count > 0 {
-                    self.cache_tokens
-                        .with_label_values(&[c.endpoint, c.model, kind])
-                        .inc_by(count);
-                }
-            }
-            if let Some(price) = r.price {
-                self.cost
-                    .with_label_values(&[c.endpoint, c.model])
-                    .inc_by(price.cost_usd(tokens.input, tokens.output));
-            }
+        }
+        if let Some(price) = r.price {
+            series
+                .cost
+                .get_or_init(|| self.cost.with_label_values(&[c.endpoint, c.model]))
+                .inc_by(price.cost_usd(tokens.input, tokens.output));
+        }
+    }
+
+    fn resolve_series(&self, labels: call_series::CallLabels<'_>) -> call_series::CallSeries {
+        let [endpoint, model, operation, provider, status, cache, error_type] = labels;
+        call_series::CallSeries {
+            requests: self
+                .requests
+                .with_label_values(&[endpoint, model, operation, status, cache]),
+            duration: self
+                .duration
+                .with_label_values(&[endpoint, model, operation, provider, error_type]),
+            first_chunk: Default::default(),
+            reported_tokens: Default::default(),
+            estimated_tokens: Default::default(),
+            cost: Default::default(),
         }
     }
 
@@ -477,6 +502,66 @@ mod tests {
         }
         assert_eq!(m.model_label("one-too-many"), OTHER_MODEL);
         assert_eq!(m.model_label("m0"), "m0", "known models keep their label");
+    }
+
+    fn sample_call(m: &Metrics, status: &'static str, reported: bool) {
+        m.request_started();
+        m.request_finished(&FinishedRequest {
+            call: CallLabels {
+                endpoint: "chat",
+                model: "gpt-4o",
+                operation: "chat",
+                provider: "openai",
+            },
+            status,
+            cache: "off",
+            error_type: None,
+            seconds: 0.5,
+            first_chunk_seconds: None,
+            tokens: Some(TokenCount {
+                input: 10,
+                output: 5,
+                reported,
+                cache_read: 0,
+                cache_write: 0,
+            }),
+            price: None,
+        });
+    }
+
+    fn series_lines(m: &Metrics, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&m.registry.gather(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn cached_series_count_in_their_own_metrics_and_only_what_was_observed_exists() {
+        let (first, second) = (
+            Metrics::new(&PodIdentity::default()).unwrap(),
+            Metrics::new(&PodIdentity::default()).unwrap(),
+        );
+        for _ in 0..3 {
+            sample_call(&first, "200", true);
+        }
+        sample_call(&first, "500", true);
+        sample_call(&second, "200", false);
+        let requests = series_lines(&first, "llmesh_requests_total");
+        assert!(requests.iter().any(|l| l.contains("status=\"200\"") && l.ends_with(" 3")), "{requests:?}");
+        assert!(requests.iter().any(|l| l.contains("status=\"500\"") && l.ends_with(" 1")), "{requests:?}");
+        let second_requests = series_lines(&second, "llmesh_requests_total");
+        assert_eq!(second_requests.len(), 1, "{second_requests:?}");
+        assert!(second_requests[0].ends_with(" 1"));
+        // No stream and no price: no first-chunk or cost series; tokens only by their source.
+        assert!(series_lines(&first, "gen_ai_client_operation_time_to_first_chunk_seconds_count").is_empty());
+        assert!(series_lines(&first, "llmesh_cost_usd_total").is_empty());
+        let token_counts = series_lines(&first, "gen_ai_client_token_usage_count");
+        assert_eq!(token_counts.len(), 2, "input and output, reported: {token_counts:?}");
+        assert!(token_counts.iter().all(|l| l.contains("source=\"reported\"") && l.ends_with(" 4")));
     }
 
     #[test]
