@@ -39,8 +39,8 @@ fn the_tables_hold_tiktokens_tokens_at_their_ranks() {
 }
 
 #[test]
-fn the_o200k_table_costs_a_few_mb_of_heap() {
-    assert!(o200k().vocab.heap_bytes() <= 3 << 20);
+fn the_o200k_table_costs_about_two_mb_of_heap() {
+    assert!(o200k().vocab.heap_bytes() <= 9 << 18);
 }
 
 #[test]
