@@ -125,7 +125,8 @@ mod tests {
 
     #[test]
     fn ids_are_written_as_padded_lowercase_hex() {
-        for (trace_id, span_id, flags) in [(1, 1, 0), (u128::MAX, u64::MAX, 0xff), (0xabc, 0x10, 1)] {
+        for (trace_id, span_id, flags) in [(1, 1, 0), (u128::MAX, u64::MAX, 0xff), (0xabc, 0x10, 1)]
+        {
             let ctx = TraceContext {
                 trace_id,
                 span_id,

@@ -19,7 +19,6 @@ use foldhash::quality::RandomState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-
 mod bpe;
 mod prompt_text;
 

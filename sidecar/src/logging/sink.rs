@@ -210,7 +210,10 @@ mod tests {
             std::thread::spawn(move || sink.write(&line))
         };
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!logger.is_finished(), "the logger waits while the buffer is full");
+        assert!(
+            !logger.is_finished(),
+            "the logger waits while the buffer is full"
+        );
         std::mem::take(&mut sink.lock().lines);
         sink.taken.notify_all();
         logger.join().unwrap();

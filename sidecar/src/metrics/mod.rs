@@ -531,7 +531,9 @@ mod tests {
 
     fn series_lines(m: &Metrics, prefix: &str) -> Vec<String> {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&m.registry.gather(), &mut out).unwrap();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut out)
+            .unwrap();
         let text = String::from_utf8(out).unwrap();
         text.lines()
             .filter(|l| l.starts_with(prefix))
@@ -551,17 +553,37 @@ mod tests {
         sample_call(&first, "500", true);
         sample_call(&second, "200", false);
         let requests = series_lines(&first, "llmesh_requests_total");
-        assert!(requests.iter().any(|l| l.contains("status=\"200\"") && l.ends_with(" 3")), "{requests:?}");
-        assert!(requests.iter().any(|l| l.contains("status=\"500\"") && l.ends_with(" 1")), "{requests:?}");
+        assert!(
+            requests
+                .iter()
+                .any(|l| l.contains("status=\"200\"") && l.ends_with(" 3")),
+            "{requests:?}"
+        );
+        assert!(
+            requests
+                .iter()
+                .any(|l| l.contains("status=\"500\"") && l.ends_with(" 1")),
+            "{requests:?}"
+        );
         let second_requests = series_lines(&second, "llmesh_requests_total");
         assert_eq!(second_requests.len(), 1, "{second_requests:?}");
         assert!(second_requests[0].ends_with(" 1"));
         // No stream and no price: no first-chunk or cost series; tokens only by their source.
-        assert!(series_lines(&first, "gen_ai_client_operation_time_to_first_chunk_seconds_count").is_empty());
+        assert!(series_lines(
+            &first,
+            "gen_ai_client_operation_time_to_first_chunk_seconds_count"
+        )
+        .is_empty());
         assert!(series_lines(&first, "llmesh_cost_usd_total").is_empty());
         let token_counts = series_lines(&first, "gen_ai_client_token_usage_count");
-        assert_eq!(token_counts.len(), 2, "input and output, reported: {token_counts:?}");
-        assert!(token_counts.iter().all(|l| l.contains("source=\"reported\"") && l.ends_with(" 4")));
+        assert_eq!(
+            token_counts.len(),
+            2,
+            "input and output, reported: {token_counts:?}"
+        );
+        assert!(token_counts
+            .iter()
+            .all(|l| l.contains("source=\"reported\"") && l.ends_with(" 4")));
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! connections is enough of a load measure here: an SDK's connection carries one request at
 //! a time.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,15 +115,11 @@ impl Inbox {
 }
 
 impl Accept for Inbox {
-    fn next_connection(
-        &mut self,
-    ) -> impl Future<Output = Option<std::io::Result<TcpStream>>> + Send {
-        async move {
-            let stream = self.connections.recv().await?;
-            Some(TcpStream::from_std(stream).inspect_err(|_| {
-                self.open.fetch_sub(1, Ordering::Relaxed);
-            }))
-        }
+    async fn next_connection(&mut self) -> Option<std::io::Result<TcpStream>> {
+        let stream = self.connections.recv().await?;
+        Some(TcpStream::from_std(stream).inspect_err(|_| {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }))
     }
 }
 

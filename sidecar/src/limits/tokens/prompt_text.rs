@@ -66,7 +66,13 @@ impl Prompt {
                 ..Prompt::default()
             };
         };
-        Prompt::from_fields(|name| fields.iter().rev().find(|(k, _)| k == name).map(|(_, v)| *v))
+        Prompt::from_fields(|name| {
+            fields
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| *v)
+        })
     }
 
     fn push_piece(&mut self, text: &str) {
@@ -98,7 +104,9 @@ fn top_level_fields(body: &[u8]) -> Option<Fields<'_>> {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-            while let Some((Borrowed(key), value)) = map.next_entry::<Borrowed<'de>, &'de RawValue>()? {
+            while let Some((Borrowed(key), value)) =
+                map.next_entry::<Borrowed<'de>, &'de RawValue>()?
+            {
                 fields.push((key, value));
             }
             Ok(fields)
@@ -321,9 +329,15 @@ mod tests {
         assert_eq!(prompt.choices, 2);
         assert_eq!(prompt.max_output, Some(50));
         // json! sorts members: the tool call's strings come as `function` {arguments, name}, `id`.
-        assert_eq!(prompt.text, "Be brief.\nlook at this\nhelper\n{\"q\":1}lookupc142\n");
+        assert_eq!(
+            prompt.text,
+            "Be brief.\nlook at this\nhelper\n{\"q\":1}lookupc142\n"
+        );
         assert_eq!(prompt.piece_ends.len(), 4);
-        assert_eq!(prompt.fixed_tokens, 4 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
+        assert_eq!(
+            prompt.fixed_tokens,
+            4 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS
+        );
     }
 
     #[test]
@@ -331,7 +345,11 @@ mod tests {
         let body = br#"{"system":"s","input":"i","prompt":"old","prompt":"p","instructions":"x","max_output_tokens":7,"max_tokens":9}"#;
         let prompt = Prompt::from_request(body);
         assert_eq!(prompt.text, "p\ni\nx\ns\n");
-        assert_eq!(prompt.max_output, Some(9), "max_tokens is read before max_output_tokens");
+        assert_eq!(
+            prompt.max_output,
+            Some(9),
+            "max_tokens is read before max_output_tokens"
+        );
         assert_eq!(prompt.choices, 1);
     }
 
@@ -339,28 +357,46 @@ mod tests {
     fn token_arrays_count_a_token_a_number() {
         let prompt = read(json!({"input": [[1, 2, 3], [4, 5]], "n": 0}));
         assert_eq!(prompt.fixed_tokens, 5);
-        assert_eq!(prompt.choices, 1, "n = 0 still generates one choice's worth");
+        assert_eq!(
+            prompt.choices, 1,
+            "n = 0 still generates one choice's worth"
+        );
     }
 
     #[test]
     fn tool_schemas_cost_a_quarter_of_their_compact_size() {
         let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
         let compact = tools.to_string();
-        let spaced = format!("{{\"tools\": {}}}", serde_json::to_string_pretty(&tools).unwrap());
+        let spaced = format!(
+            "{{\"tools\": {}}}",
+            serde_json::to_string_pretty(&tools).unwrap()
+        );
         let prompt = Prompt::from_request(spaced.as_bytes());
         assert_eq!(prompt.fixed_tokens, compact.len() as u64 / 4);
-        assert_eq!(compact_json_len(r#" { "a" : "x \" y" } "#), r#"{"a":"x \" y"}"#.len());
+        assert_eq!(
+            compact_json_len(r#" { "a" : "x \" y" } "#),
+            r#"{"a":"x \" y"}"#.len()
+        );
     }
 
     #[test]
     fn anything_else_is_text_and_nothing_panics() {
-        for body in [&b"not json"[..], b"[1,2]", b"{\"messages\":", b"\xff\xfe", b"", b"{}{}"] {
+        for body in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"{\"messages\":",
+            b"\xff\xfe",
+            b"",
+            b"{}{}",
+        ] {
             let prompt = Prompt::from_request(body);
             assert_eq!(prompt.text, String::from_utf8_lossy(body));
             assert_eq!(prompt.choices, 1);
         }
         // Odd shapes inside an object are read as far as they make sense.
-        let prompt = read(json!({"messages": [1, "two", [3], {"content": {"text": true}}, null], "n": "x", "max_tokens": -1}));
+        let prompt = read(
+            json!({"messages": [1, "two", [3], {"content": {"text": true}}, null], "n": "x", "max_tokens": -1}),
+        );
         assert_eq!(prompt.text, "two\n");
         assert_eq!(prompt.choices, 1);
         assert_eq!(prompt.max_output, None);
