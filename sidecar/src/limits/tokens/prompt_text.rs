@@ -40,9 +40,13 @@ impl Prompt {
         for name in TEXT_FIELDS {
             if let Some(raw) = field(name) {
                 let mut reader = serde_json::Deserializer::from_str(raw.get());
-                let collect = Collect {
+                let collect = Walk {
                     prompt: &mut prompt,
-                    messages: name == "messages",
+                    mode: if name == "messages" {
+                        Mode::Messages
+                    } else {
+                        Mode::Text
+                    },
                 };
                 // Already checked to be valid JSON: nothing to report.
                 let _ = collect.deserialize(&mut reader);
@@ -140,15 +144,42 @@ fn compact_json_len(json: &str) -> usize {
     len
 }
 
-/// Appends a value's prompt text: each string a piece of its own; in `messages`, each
-/// element costs its framing; in an object, the text members (an image part, whatever
-/// its members, costs [`IMAGE_TOKENS`] instead).
-struct Collect<'p> {
-    prompt: &'p mut Prompt,
-    messages: bool,
+/// How [`Walk`] reads a value.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Prompt text: each string a piece of its own; each number a token (pre-tokenized
+    /// input); in an object, the text members only (an image part, whatever its members,
+    /// costs [`IMAGE_TOKENS`] instead).
+    Text,
+    /// `messages`: [`Mode::Text`], each element also costing its framing.
+    Messages,
+    /// Every string, nested or not, keys aside, with no piece boundaries (tool calls).
+    AllStrings,
 }
 
-impl<'de> DeserializeSeed<'de> for Collect<'_> {
+/// Appends a value's prompt text to `prompt`, as `mode` says.
+struct Walk<'p> {
+    prompt: &'p mut Prompt,
+    mode: Mode,
+}
+
+impl Walk<'_> {
+    fn nested(&mut self, mode: Mode) -> Walk<'_> {
+        Walk {
+            prompt: &mut *self.prompt,
+            mode,
+        }
+    }
+
+    fn number<E>(self) -> Result<(), E> {
+        if self.mode != Mode::AllStrings {
+            self.prompt.fixed_tokens += 1;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
@@ -156,7 +187,7 @@ impl<'de> DeserializeSeed<'de> for Collect<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Collect<'_> {
+impl<'de> Visitor<'de> for Walk<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -164,24 +195,23 @@ impl<'de> Visitor<'de> for Collect<'_> {
     }
 
     fn visit_str<E>(self, text: &str) -> Result<(), E> {
-        self.prompt.push_piece(text);
+        match self.mode {
+            Mode::AllStrings => self.prompt.text.push_str(text),
+            Mode::Text | Mode::Messages => self.prompt.push_piece(text),
+        }
         Ok(())
     }
 
-    /// Pre-tokenized input (completions, embeddings): each number is one token.
     fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        self.prompt.fixed_tokens += 1;
-        Ok(())
+        self.number()
     }
 
     fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        self.prompt.fixed_tokens += 1;
-        Ok(())
+        self.number()
     }
 
     fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        self.prompt.fixed_tokens += 1;
-        Ok(())
+        self.number()
     }
 
     fn visit_bool<E>(self, _: bool) -> Result<(), E> {
@@ -192,26 +222,26 @@ impl<'de> Visitor<'de> for Collect<'_> {
         Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-        loop {
-            if self.messages {
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut items: A) -> Result<(), A::Error> {
+        let item_mode = match self.mode {
+            Mode::Messages => Mode::Text,
+            mode => mode,
+        };
+        while items.next_element_seed(self.nested(item_mode))?.is_some() {
+            if self.mode == Mode::Messages {
                 self.prompt.fixed_tokens += MESSAGE_OVERHEAD_TOKENS;
             }
-            let item = Collect {
-                prompt: &mut *self.prompt,
-                messages: false,
-            };
-            if items.next_element_seed(item)?.is_none() {
-                if self.messages {
-                    // The loop charged one element too many: the end is not a message.
-                    self.prompt.fixed_tokens -= MESSAGE_OVERHEAD_TOKENS;
-                }
-                return Ok(());
-            }
         }
+        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut members: A) -> Result<(), A::Error> {
+        if self.mode == Mode::AllStrings {
+            while members.next_key::<IgnoredAny>()?.is_some() {
+                members.next_value_seed(self.nested(Mode::AllStrings))?;
+            }
+            return Ok(());
+        }
         // The part's `type` may come after its text: read on, and take the text back out
         // if the part turns out to be an image.
         let (text_len, pieces, fixed) = (
@@ -227,12 +257,9 @@ impl<'de> Visitor<'de> for Collect<'_> {
                 image |= serde_json::from_str::<Borrowed<'_>>(kind.get())
                     .is_ok_and(|Borrowed(kind)| kind.contains("image"));
             } else if TEXT_MEMBERS.contains(&key.as_ref()) {
-                members.next_value_seed(Collect {
-                    prompt: &mut *self.prompt,
-                    messages: false,
-                })?;
+                members.next_value_seed(self.nested(Mode::Text))?;
             } else if NESTED_TEXT_MEMBERS.contains(&key.as_ref()) {
-                members.next_value_seed(AllStrings(&mut *self.prompt))?;
+                members.next_value_seed(self.nested(Mode::AllStrings))?;
             } else {
                 members.next_value::<IgnoredAny>()?;
             }
@@ -241,62 +268,6 @@ impl<'de> Visitor<'de> for Collect<'_> {
             self.prompt.text.truncate(text_len);
             self.prompt.piece_ends.truncate(pieces);
             self.prompt.fixed_tokens = fixed + IMAGE_TOKENS;
-        }
-        Ok(())
-    }
-}
-
-/// Appends every string of a value, nested or not, keys aside, with no piece boundaries.
-struct AllStrings<'p>(&'p mut Prompt);
-
-impl<'de> DeserializeSeed<'de> for AllStrings<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for AllStrings<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_str<E>(self, text: &str) -> Result<(), E> {
-        self.0.text.push_str(text);
-        Ok(())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-        while items.next_element_seed(AllStrings(&mut *self.0))?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
-        while members.next_key::<IgnoredAny>()?.is_some() {
-            members.next_value_seed(AllStrings(&mut *self.0))?;
         }
         Ok(())
     }
