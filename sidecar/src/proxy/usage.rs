@@ -3,6 +3,9 @@
 //! for Server-Sent Events, line by line across frame boundaries (an event split over two
 //! reads is still seen whole); for JSON, from the body's tail, where providers put `usage`.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// A streamed line longer than this is not inspected (it cannot be a usage event).
@@ -153,7 +156,7 @@ impl UsageTap {
                 ended,
             } => {
                 let mut rest = data;
-                while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+                while let Some(newline) = memchr::memchr(b'\n', rest) {
                     if !*skipping_long_line {
                         line.extend_from_slice(&rest[..newline]);
                         *ended |= inspect_line(line, data_events, usage, finish_reasons);
@@ -226,7 +229,7 @@ fn inspect_line(
     }
     *data_events = data_events.saturating_add(1);
     collect_finish_reasons(payload, finish_reasons);
-    if !contains(payload, b"\"usage\"") {
+    if USAGE_KEY.find(payload).is_none() {
         return false;
     }
     #[derive(Deserialize)]
@@ -251,19 +254,14 @@ fn inspect_line(
             *usage = found;
         }
     }
-    // The Responses API ends with one of three events.
-    [
-        b"\"type\":\"response.completed\"".as_slice(),
-        b"\"type\":\"response.incomplete\"",
-        b"\"type\":\"response.failed\"",
-    ]
-    .iter()
-    .any(|end| contains(payload, end))
+    RESPONSES_END_EVENTS
+        .iter()
+        .any(|end| end.find(payload).is_some())
 }
 
 fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
     let key = b"\"usage\"";
-    let at = tail.windows(key.len()).rposition(|w| w == key)?;
+    let at = memchr::memmem::rfind(tail, key)?;
     let after_key = tail[at + key.len()..].trim_ascii_start();
     let value = after_key.strip_prefix(b":")?;
     let mut values = serde_json::Deserializer::from_slice(value).into_iter::<WireUsage>();
@@ -273,14 +271,14 @@ fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
 /// Every `"finish_reason":"…"` (Anthropic: `"stop_reason":"…"`) with a string value
 /// (streams send `null` until the end).
 fn collect_finish_reasons(json: &[u8], out: &mut Vec<String>) {
-    collect_reasons(json, b"\"finish_reason\":", out);
-    collect_reasons(json, b"\"stop_reason\":", out);
+    collect_reasons(json, &FINISH_REASON_KEY, out);
+    collect_reasons(json, &STOP_REASON_KEY, out);
 }
 
-fn collect_reasons(json: &[u8], key: &[u8], out: &mut Vec<String>) {
+fn collect_reasons(json: &[u8], key: &Finder<'_>, out: &mut Vec<String>) {
     let mut rest = json;
-    while let Some(at) = find(rest, key) {
-        rest = &rest[at + key.len()..];
+    while let Some(at) = key.find(rest) {
+        rest = &rest[at + key.needle().len()..];
         let value = rest.trim_ascii_start();
         let Some(value) = value.strip_prefix(b"\"") else {
             continue;
@@ -304,13 +302,22 @@ fn collect_reasons(json: &[u8], key: &[u8], out: &mut Vec<String>) {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
+// Substring searches built once: every event of every stream is searched for these, and a
+// byte-by-byte window comparison cost more than forwarding the event.
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static FINISH_REASON_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"finish_reason\":"));
+static STOP_REASON_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"stop_reason\":"));
+/// The Responses API ends with one of three events.
+static RESPONSES_END_EVENTS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        b"\"type\":\"response.completed\"".as_slice(),
+        b"\"type\":\"response.incomplete\"",
+        b"\"type\":\"response.failed\"",
+    ]
+    .map(Finder::new)
+});
 
 #[cfg(test)]
 mod tests {
