@@ -82,17 +82,13 @@ def callgrind_profile(tmp, name, up_port, oha, body_file, requests, out):
 
 
 def start(tmp, name, settings, extra, up_port, port, admin, wrapper):
-    """bench.start_sidecar, under `wrapper` (valgrind) and with a long wait for its port."""
+    """bench.start_sidecar under `wrapper` (valgrind, which takes a while to start it)."""
     real = bench.RELEASE / "llmesh-sidecar"
     script = tmp / f"{name}.sh"
     script.write_text("#!/bin/sh\nexec " + " ".join(wrapper) + f' {real} "$@"\n')
     script.chmod(0o755)
-    original_wait = bench.wait_port
-    bench.wait_port = lambda p: original_wait(p, timeout=120)
-    try:
-        return bench.start_sidecar(tmp, name, settings, extra, up_port, port, admin, binary=script)
-    finally:
-        bench.wait_port = original_wait
+    return bench.start_sidecar(tmp, name, settings, extra, up_port, port, admin, binary=script,
+                               start_timeout=120)
 
 
 def main():

@@ -200,7 +200,8 @@ def redis_lease_calls(port):
     return calls
 
 
-def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_port, binary=None):
+def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_port, binary=None,
+                  start_timeout=10):
     key = tmp / "key"
     key.write_text(KEY)
     config = tmp / f"{name}.yaml"
@@ -228,7 +229,7 @@ def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_po
         stdout=log,
         stderr=log,
     )
-    wait_port(port)
+    wait_port(port, timeout=start_timeout)
     return proc
 
 

@@ -162,6 +162,56 @@ mod tests {
     }
 
     #[test]
+    fn a_line_has_the_shape_tracing_gives_the_same_event() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                id = "a\"b",
+                status = 200u64,
+                ms = 0.07,
+                ok = true,
+                "request"
+            );
+        });
+        let from_tracing: serde_json::Value =
+            serde_json::from_slice(&capture.0.lock().unwrap()).unwrap();
+
+        let mut line = JsonLine::new("INFO", "request");
+        line.str("id", "a\"b");
+        line.u64("status", 200);
+        line.f64("ms", 0.07);
+        line.bool("ok", true);
+        let ours: serde_json::Value = serde_json::from_slice(&line.finish(module_path!())).unwrap();
+
+        let without_time = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            let time = v.as_object_mut().unwrap().remove("timestamp").unwrap();
+            (v, time.as_str().unwrap().len())
+        };
+        assert_eq!(without_time(&ours), without_time(&from_tracing));
+    }
+
+    #[test]
     fn fields_are_escaped_and_the_line_parses() {
         let mut line = JsonLine::new("INFO", "request");
         line.str("path", "/v1/\"quoted\"\n\u{1}é");

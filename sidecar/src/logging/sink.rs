@@ -9,7 +9,7 @@
 //! guard [`super::init`] returns, and the panic hook, flush what is pending.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use std::time::Duration;
 pub const BATCH_DELAY: Duration = Duration::from_millis(20);
 /// Lines pending beyond this make loggers wait for the writer.
 pub const MAX_PENDING_BYTES: usize = 1 << 20;
+/// How many times (a millisecond apart) the panic hook tries for the pending lines.
+const PANIC_FLUSH_ATTEMPTS: u32 = 200;
 
 static SINK: OnceLock<Arc<LogSink>> = OnceLock::new();
 
@@ -52,8 +54,10 @@ impl LogSink {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         if pending.closed {
+            // After the writer's last batch (it holds stderr while writing it), not before.
+            let mut stderr = std::io::stderr().lock();
             drop(pending);
-            write_to_stderr(line);
+            let _ = stderr.write_all(line);
             return;
         }
         let starts_batch = pending.lines.is_empty();
@@ -83,9 +87,14 @@ impl LogSink {
                 pending = self.lock();
             }
             std::mem::swap(&mut batch, &mut pending.lines);
+            // Taken before `pending` is let go: a line written straight to stderr (after
+            // close, or by the panic hook) waits for this batch, which is older.
+            let mut stderr = std::io::stderr().lock();
             drop(pending);
             self.taken.notify_all();
-            write_to_stderr(&batch);
+            // Nowhere to report a failed write of the log itself.
+            let _ = stderr.write_all(&batch);
+            drop(stderr);
             batch.clear();
         }
     }
@@ -97,12 +106,24 @@ impl LogSink {
         self.taken.notify_all();
     }
 
-    /// Writes what is pending from the calling thread, without waiting for a lock that a
-    /// panicking thread may hold.
+    /// Writes what is pending from the calling thread (a panicking one: with `panic =
+    /// "abort"` the writer will not get to it), after the batch the writer is writing.
+    /// Other threads hold the lock only briefly; if it stays taken (this very thread
+    /// panicked while holding it), the lines are given up rather than the process hung.
     fn flush_now(&self) {
-        if let Ok(mut pending) = self.pending.try_lock() {
-            write_to_stderr(&pending.lines);
+        for _ in 0..PANIC_FLUSH_ATTEMPTS {
+            let mut pending = match self.pending.try_lock() {
+                Ok(pending) => pending,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+            };
+            let mut stderr = std::io::stderr().lock();
+            let _ = stderr.write_all(&pending.lines);
             pending.lines.clear();
+            return;
         }
     }
 }

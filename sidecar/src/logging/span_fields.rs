@@ -20,7 +20,6 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         let mut object = ObjectWriter::default();
         fields.record(&mut object);
-        object.result?;
         writer.write_char('{')?;
         writer.write_str(&object.members)?;
         writer.write_char('}')
@@ -34,7 +33,6 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     ) -> fmt::Result {
         let mut object = ObjectWriter::default();
         fields.record(&mut object);
-        object.result?;
         if object.members.is_empty() {
             return Ok(());
         }
@@ -55,70 +53,62 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
 /// The members of a JSON object (`"a":1,"b":"x"`), as fields are visited.
 struct ObjectWriter {
     members: String,
-    result: fmt::Result,
 }
 
 impl Default for ObjectWriter {
     fn default() -> Self {
         Self {
             members: String::with_capacity(96),
-            result: Ok(()),
         }
     }
 }
 
 impl ObjectWriter {
-    fn member(&mut self, field: &Field, value: impl FnOnce(&mut String) -> fmt::Result) {
-        if self.result.is_err() {
-            return;
-        }
+    fn member(&mut self, field: &Field, value: impl FnOnce(&mut String)) {
         if !self.members.is_empty() {
             self.members.push(',');
         }
         push_json_string(&mut self.members, field.name());
         self.members.push(':');
-        self.result = value(&mut self.members);
+        value(&mut self.members);
     }
 }
 
 impl Visit for ObjectWriter {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.member(field, |out| {
-            push_json_string(out, value);
-            Ok(())
-        });
+        self.member(field, |out| push_json_string(out, value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.member(field, |out| {
-            let text = format!("{value:?}");
-            push_json_string(out, &text);
-            Ok(())
-        });
+        self.member(field, |out| push_json_string(out, &format!("{value:?}")));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, |out| push_display(out, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, |out| push_display(out, value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, |out| push_display(out, value));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.member(field, |out| {
             if value.is_finite() {
-                write!(out, "{value}")
+                push_display(out, value);
             } else {
                 out.push_str("null");
-                Ok(())
             }
         });
     }
+}
+
+fn push_display(out: &mut String, value: impl fmt::Display) {
+    // Writing into a String cannot fail.
+    let _ = write!(out, "{value}");
 }
 
 /// `text` as a JSON string, escaped as `serde_json` escapes: runs of bytes that need no

@@ -34,7 +34,7 @@ thread_local! {
     static CACHE: RefCell<SeriesCache> = RefCell::new(SeriesCache::default());
 }
 
-type Entry = ([String; 7], Rc<CallSeries>);
+type Entry = (u64, [String; 7], Rc<CallSeries>);
 
 #[derive(Default)]
 struct SeriesCache {
@@ -52,8 +52,10 @@ pub fn series(
 ) -> Rc<CallSeries> {
     CACHE.with_borrow_mut(|cache| {
         let hash = cache.hasher.hash_one((metrics_id, labels));
-        let same = |(known, _): &&Entry| known.iter().zip(labels).all(|(a, b)| a == b);
-        if let Some((_, series)) = cache.by_hash.get(&hash).and_then(|e| e.iter().find(same)) {
+        let same = |(id, known, _): &&Entry| {
+            *id == metrics_id && known.iter().zip(labels).all(|(a, b)| a == b)
+        };
+        if let Some((_, _, series)) = cache.by_hash.get(&hash).and_then(|e| e.iter().find(same)) {
             return Rc::clone(series);
         }
         if cache.len >= MAX_CACHED {
@@ -66,7 +68,7 @@ pub fn series(
             .by_hash
             .entry(hash)
             .or_default()
-            .push((owned, Rc::clone(&series)));
+            .push((metrics_id, owned, Rc::clone(&series)));
         cache.len += 1;
         series
     })

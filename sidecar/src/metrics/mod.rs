@@ -372,6 +372,7 @@ impl Metrics {
         });
         input.observe(tokens.input as f64);
         output.observe(tokens.output as f64);
+        // Looked up each time: only calls that hit a provider's prompt cache get here.
         for (kind, count) in [("read", tokens.cache_read), ("write", tokens.cache_write)] {
             if count > 0 {
                 self.cache_tokens

@@ -47,6 +47,8 @@ pub struct RequestLog {
     /// llama.cpp's refuse any other).
     pub upstream_request_id: Option<String>,
     pub trace: TraceContext,
+    /// The trace id as the log and the span show it.
+    pub trace_id: String,
     pub method: Method,
     pub path: String,
     pub operation: &'static str,
@@ -104,6 +106,7 @@ impl RequestLog {
         Self {
             request_id,
             upstream_request_id: None,
+            trace_id: trace.trace_id_hex(),
             trace,
             method,
             path,
@@ -162,7 +165,7 @@ impl RequestLog {
         if let Some(id) = &self.upstream_request_id {
             line.str("upstream_request_id", id);
         }
-        line.str("trace_id", &self.trace.trace_id_hex());
+        line.str("trace_id", &self.trace_id);
         line.str("method", self.method.as_str());
         line.str("path", &self.path);
         line.str("endpoint", self.endpoint.as_ref().map_or("-", |e| e.name()));
@@ -192,11 +195,10 @@ impl RequestLog {
     }
 
     fn log_with_tracing(&self, outcome: Outcome, took: Duration) {
-        let trace_id = self.trace.trace_id_hex();
         tracing::info!(
             request_id = %self.request_id,
             upstream_request_id = self.upstream_request_id.as_deref(),
-            trace_id = %trace_id,
+            trace_id = %self.trace_id,
             method = %self.method,
             path = %self.path,
             endpoint = self.endpoint.as_ref().map_or("-", |e| e.name()),

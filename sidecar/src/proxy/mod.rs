@@ -81,11 +81,6 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     let error_dialect = Dialect::of_errors(request.uri().path());
     let trace = TraceContext::from_request(request.headers());
     let request_id_text = request_id.to_str().unwrap_or("-").to_string();
-    let span = tracing::info_span!(
-        "request",
-        request_id = request_id_text.as_str(),
-        trace_id = trace.trace_id_hex().as_str()
-    );
     let mut log = RequestLog::new(
         request_id_text,
         trace,
@@ -95,6 +90,11 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
             metrics: state.metrics.clone(),
             spans: state.spans.clone(),
         },
+    );
+    let span = tracing::info_span!(
+        "request",
+        request_id = log.request_id.as_str(),
+        trace_id = log.trace_id.as_str()
     );
     if let Some(id) = &upstream_replacement {
         log.upstream_request_id = id.to_str().ok().map(str::to_string);

@@ -304,7 +304,8 @@ fn collect_reasons(json: &[u8], key: &Finder<'_>, out: &mut Vec<String>) {
 
 // Substring searches built once: every event of every stream is searched for these, and a
 // byte-by-byte window comparison cost more than forwarding the event.
-static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+pub(super) static USAGE_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"usage\""));
 static FINISH_REASON_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"finish_reason\":"));
 static STOP_REASON_KEY: LazyLock<Finder<'static>> =

@@ -6,10 +6,7 @@
 //! Events are handed on line by line as they arrive: only a line not yet ended by its
 //! newline is held until the rest of it comes, which an SSE reader would wait for anyway.
 
-use std::sync::LazyLock;
-
 use bytes::Bytes;
-use memchr::memmem::Finder;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -79,11 +76,8 @@ impl UsageChunkStripper {
     }
 }
 
-/// Built once: every event of a stream whose usage is stripped is searched.
-static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
-
 fn has_usage_object(data: &[u8]) -> bool {
-    USAGE_KEY.find_iter(data).any(|at| {
+    super::usage::USAGE_KEY.find_iter(data).any(|at| {
         let after = data[at + b"\"usage\"".len()..].trim_ascii_start();
         let value = after.strip_prefix(b":").unwrap_or(after).trim_ascii_start();
         value.first() == Some(&b'{')

@@ -5,8 +5,8 @@
 //! hash of their addresses, blind to load: when an SDK opens a burst of connections for
 //! concurrent streams, one worker gets more than its share and its streams' first tokens
 //! wait (issue 19 measured a time-to-first-token p99 1.8× nginx's). Counting open
-//! connections is enough of a load measure here: an SDK's connection carries one request at
-//! a time.
+//! connections is the load measure: an SDK's HTTP/1.1 connection carries one request at a
+//! time (an h2c connection may carry many, and counts as one).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub struct Balancer {
 impl Balancer {
     /// Accepts on `listener` and hands connections out until `shutdown` changes; then
     /// closes the listener (new connections are refused) and the inboxes.
-    pub async fn run(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let mut next_tie_break = 0;
         loop {
             tokio::select! {
@@ -82,19 +82,33 @@ impl Balancer {
     }
 
     /// To the worker with the fewest open connections; among equals, in turn (so that
-    /// idle workers share a burst rather than the first taking it all).
-    fn hand_over(&self, stream: std::net::TcpStream, tie_break: usize) {
-        let count = self.workers.len();
-        let least_loaded = (0..count)
-            .map(|i| (tie_break.wrapping_add(i)) % count)
-            .min_by_key(|&i| self.workers.get(i).map_or(usize::MAX, Worker::load));
-        let Some(worker) = least_loaded.and_then(|i| self.workers.get(i)) else {
-            return;
-        };
-        worker.open.fetch_add(1, Ordering::Relaxed);
-        if worker.connections.send(stream).is_err() {
-            // The worker has stopped (shutting down): the connection is closed.
-            worker.open.fetch_sub(1, Ordering::Relaxed);
+    /// idle workers share a burst rather than the first taking it all). A worker that has
+    /// stopped is dropped from the choice, and the connection goes to another.
+    fn hand_over(&mut self, stream: std::net::TcpStream, tie_break: usize) {
+        let mut stream = stream;
+        loop {
+            let count = self.workers.len();
+            let least_loaded = (0..count)
+                .map(|i| tie_break.wrapping_add(i) % count)
+                .min_by_key(|&i| self.workers.get(i).map_or(usize::MAX, Worker::load));
+            let Some((index, worker)) = least_loaded.and_then(|i| Some((i, self.workers.get(i)?)))
+            else {
+                // No worker left: the connection is closed.
+                return;
+            };
+            worker.open.fetch_add(1, Ordering::Relaxed);
+            match worker.connections.send(stream) {
+                Ok(()) => return,
+                Err(returned) => {
+                    worker.open.fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!(
+                        worker = index,
+                        "a worker has stopped: its connections go to the others"
+                    );
+                    self.workers.swap_remove(index);
+                    stream = returned.0;
+                }
+            }
         }
     }
 }
@@ -212,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn connections_go_to_the_least_loaded_worker_and_leave_its_count_when_closed() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (balancer, mut inboxes) = channels(3);
+        let (mut balancer, mut inboxes) = channels(3);
         // Worker 0 already holds two connections, worker 1 one.
         balancer.workers[0].open.store(2, Ordering::Relaxed);
         balancer.workers[1].open.store(1, Ordering::Relaxed);
@@ -234,7 +248,7 @@ mod tests {
     #[tokio::test]
     async fn equal_workers_take_turns() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (balancer, _inboxes) = channels(2);
+        let (mut balancer, _inboxes) = channels(2);
         for turn in 0..4 {
             balancer.hand_over(connected_pair(&listener).await, turn);
         }
@@ -243,11 +257,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stopped_worker_gets_no_connections_counted() {
+    async fn a_stopped_worker_is_passed_over_and_its_connection_goes_to_another() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (balancer, inboxes) = channels(1);
+        let (mut balancer, mut inboxes) = channels(2);
+        // Worker 0 stops; worker 1 is busier, but the only one left.
+        drop(inboxes.remove(0));
+        balancer.workers[1].open.store(5, Ordering::Relaxed);
+        for turn in 0..3 {
+            balancer.hand_over(connected_pair(&listener).await, turn);
+        }
+        assert_eq!(balancer.workers.len(), 1);
+        assert_eq!(balancer.workers[0].load(), 8);
+        for _ in 0..3 {
+            assert!(inboxes[0].connections.try_recv().is_ok());
+        }
+        // With no worker left, connections are closed and nothing is counted.
         drop(inboxes);
         balancer.hand_over(connected_pair(&listener).await, 0);
-        assert_eq!(balancer.workers[0].load(), 0);
+        assert!(balancer.workers.is_empty());
     }
 }

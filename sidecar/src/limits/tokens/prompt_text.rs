@@ -1,6 +1,10 @@
 //! Reading what counts from a request body: its prompt text, fixed costs (images, message
 //! framing, tool schemas) and output bounds.
 //!
+//! Members are read in the order the body has them, and a duplicate member counts each
+//! time (a tree kept the last one and walked its keys sorted): the count of a prompt can
+//! differ from one read that way by a token or two, which the response's usage settles.
+//!
 //! Read in one pass over the bytes, with no JSON tree: the top level is split into raw
 //! fields, and the prompt's fields are walked by visitors that append strings straight to
 //! the prompt's text. Building a `serde_json::Value` of the body instead (a map and a
@@ -48,8 +52,15 @@ impl Prompt {
                         Mode::Text
                     },
                 };
-                // Already checked to be valid JSON: nothing to report.
-                let _ = collect.deserialize(&mut reader);
+                // The proxy's split checks a field's syntax but not all of its content: a lone
+                // surrogate escape or nesting deeper than serde_json's limit stops the walk
+                // here. What follows must still be reserved, so the whole field is estimated on
+                // top of what was read: more than its share, never less.
+                if collect.deserialize(&mut reader).is_err() {
+                    prompt.fixed_tokens = prompt
+                        .fixed_tokens
+                        .saturating_add(super::estimate_bytes(raw.get().len()));
+                }
             }
         }
         for name in SCHEMA_FIELDS {
@@ -363,6 +374,29 @@ mod tests {
             let prompt = Prompt::from_request(body);
             assert_eq!(prompt.text, String::from_utf8_lossy(body));
             assert_eq!(prompt.choices, 1);
+        }
+        // A field the walk cannot finish (a lone surrogate, nesting past serde_json's limit)
+        // is estimated whole, on top of what was read before the stop.
+        let long = "word ".repeat(20_000);
+        for stopper in [
+            r#""\ud800""#.to_string(),
+            format!("{}1{}", "[".repeat(200), "]".repeat(200)),
+        ] {
+            let body =
+                format!(r#"{{"messages":[{{"content":{stopper}}},{{"content":"{long}"}}]}}"#);
+            let fields = top_level_fields(body.as_bytes()).expect("the split accepts it");
+            let prompt = Prompt::from_fields(|name| {
+                fields
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| *v)
+            });
+            assert!(
+                prompt.fixed_tokens >= long.len() as u64 / 4,
+                "{stopper:.20}: {}",
+                prompt.fixed_tokens
+            );
         }
         // Odd shapes inside an object are read as far as they make sense.
         let prompt = read(
