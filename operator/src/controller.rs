@@ -2,19 +2,20 @@
 //! and status for the namespace's environment and applies what differs, with server-side
 //! apply under one field manager.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -22,12 +23,21 @@ use crate::crd::{LlmEndpoint, LlmEndpointStatus};
 use crate::metrics::Metrics;
 use crate::render::{render, CopiedKey, Rendering, CONFIG_FILE};
 
+mod cache;
+use cache::Caches;
+
 pub const FIELD_MANAGER: &str = "llmesh-operator";
 /// The namespace label that selects the environment an LlmEndpoint is rendered for.
 pub const ENVIRONMENT_LABEL: &str = "llmesh.io/environment";
 pub const CONFIG_HASH_ANNOTATION: &str = "llmesh.io/config-hash";
 pub const ENDPOINT_LABEL: &str = "llmesh.io/endpoint";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "llmesh-operator");
+
+/// Reconciles in flight at once. A reconcile reads only caches, so what it waits on is its
+/// writes; more in flight only means more open connections (the client speaks HTTP/1.1,
+/// one TLS session per request in flight) and more memory, not more throughput from an
+/// API server that is already the bottleneck.
+const CONCURRENCY: u16 = 64;
 
 /// A missing secret is retried this often even without a watch event (the watch normally
 /// brings it back within a second of the secret appearing).
@@ -39,6 +49,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("LlmEndpoint has no namespace")]
     NotNamespaced,
+    #[error("the watches behind the controller's caches stopped")]
+    CachesClosed,
 }
 
 /// What every reconcile shares.
@@ -49,6 +61,56 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The controller's cache of LlmEndpoints: whether the ones named in `fallbacks` exist.
     pub endpoints: Store<LlmEndpoint>,
+    /// Namespaces, owned ConfigMaps and Secrets: what a reconcile reads.
+    pub caches: Caches,
+    pub status_writes: Arc<StatusWrites>,
+}
+
+/// The `resourceVersion` each endpoint got from the operator's last status write, until the
+/// cache shows that version. A reconcile that starts in between (an owned object's event
+/// arrived first) would see the old status and write the same conditions again with new
+/// times, which costs a write and another reconcile; it waits for the status event instead.
+/// Versions are compared as numbers (the API server's etcd revisions); one that does not
+/// parse is never taken as stale.
+#[derive(Default)]
+pub struct StatusWrites(std::sync::Mutex<HashMap<ObjectRef<LlmEndpoint>, u64>>);
+
+impl StatusWrites {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<LlmEndpoint>, u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record(&self, written: &LlmEndpoint) {
+        if let Some(version) = resource_version(written) {
+            self.entries().insert(ObjectRef::from_obj(written), version);
+        }
+    }
+
+    /// True while `cached` is older than the operator's own last status write to it.
+    fn is_behind(&self, cached: &LlmEndpoint) -> bool {
+        let key = ObjectRef::from_obj(cached);
+        let mut entries = self.entries();
+        let Some(written) = entries.get(&key).copied() else {
+            return false;
+        };
+        match resource_version(cached) {
+            Some(seen) if seen < written => true,
+            _ => {
+                entries.remove(&key);
+                false
+            }
+        }
+    }
+
+    fn forget(&self, deleted: &LlmEndpoint) {
+        self.entries().remove(&ObjectRef::from_obj(deleted));
+    }
+}
+
+fn resource_version(object: &LlmEndpoint) -> Option<u64> {
+    object.resource_version()?.parse().ok()
 }
 
 #[derive(Debug, Clone)]
@@ -61,29 +123,39 @@ pub struct Settings {
 
 /// Runs the controller until the stream ends (on shutdown signal).
 pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>) {
-    let scoped = |client: &kube::Client| -> Api<LlmEndpoint> {
-        match &settings.namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
+    let scoped: Api<LlmEndpoint> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
-    let owned_config =
-        watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-    let (config_maps, secrets): (Api<ConfigMap>, Api<Secret>) = match &settings.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let controller = Controller::new(scoped(&client), watcher::Config::default());
-    let endpoints = controller.store();
+    let (caches, feeds) = cache::open(&client, settings.namespace.as_deref());
+    let (endpoints, endpoints_writer) = reflector::store();
     metrics.watch_endpoints(endpoints.clone());
+    // An endpoint created or deleted: re-check the endpoints that fall back to it. One
+    // watch of LlmEndpoints serves both, so the dependents come through a channel.
+    let (dependents, dependents_due) = futures::channel::mpsc::unbounded();
+    let by_fallback = endpoints.clone();
+    let status_writes = Arc::new(StatusWrites::default());
+    let deletions = Arc::clone(&status_writes);
+    let endpoint_events = watcher(scoped, watcher::Config::default())
+        .modify(cache::slim)
+        .reflect(endpoints_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(endpoint) = event {
+                deletions.forget(endpoint);
+            }
+            if let watcher::Event::Apply(endpoint) | watcher::Event::Delete(endpoint) = event {
+                for dependent in endpoints_falling_back_to(&by_fallback, endpoint) {
+                    let _ = dependents.unbounded_send(dependent);
+                }
+            }
+        })
+        .applied_objects();
     let by_secret = endpoints.clone();
     let by_namespace = endpoints.clone();
-    let by_fallback = endpoints.clone();
     let context = Arc::new(Context {
         endpoints: endpoints.clone(),
+        caches,
+        status_writes,
         client: client.clone(),
         default_environment: settings.default_environment.clone(),
         recorder: Recorder::new(
@@ -95,25 +167,22 @@ pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>
         ),
         metrics,
     });
-    controller
-        .owns(config_maps, owned_config.clone())
-        .owns(secrets.clone(), owned_config)
-        // A source Secret created late or rotated: re-render the endpoints that use it.
-        .watches(secrets, watcher::Config::default(), move |secret| {
+    Controller::for_stream(endpoint_events, endpoints)
+        .with_config(ControllerConfig::default().concurrency(CONCURRENCY))
+        .owns_stream(feeds.config_maps)
+        // Both the copies it owns and the source Secrets (created late or rotated: re-render
+        // the endpoints that use them) come from one watch.
+        .watches_stream(feeds.secrets, move |secret| {
+            let owner = owning_endpoint(&secret);
             endpoints_using_secret(&by_secret, &secret)
+                .into_iter()
+                .chain(owner)
         })
-        // An endpoint created or deleted: re-check the endpoints that fall back to it.
-        .watches(
-            scoped(&client),
-            watcher::Config::default(),
-            move |endpoint| endpoints_falling_back_to(&by_fallback, &endpoint),
-        )
         // A namespace's environment label changed: re-render everything in it.
-        .watches(
-            Api::<Namespace>::all(client),
-            watcher::Config::default(),
-            move |ns| endpoints_in_namespace(&by_namespace, &ns.name_any()),
-        )
+        .watches_stream(feeds.namespaces, move |ns| {
+            endpoints_in_namespace(&by_namespace, &ns.name_any())
+        })
+        .reconcile_on(dependents_due)
         .shutdown_on_signal()
         .run(reconcile_measured, error_policy, context)
         .for_each(|result| async move {
@@ -122,6 +191,20 @@ pub async fn run(client: kube::Client, settings: Settings, metrics: Arc<Metrics>
             }
         })
         .await;
+}
+
+/// The LlmEndpoint that controls `secret` (a copy the operator made), if any.
+fn owning_endpoint(secret: &Secret) -> Option<ObjectRef<LlmEndpoint>> {
+    let namespace = secret.namespace()?;
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| {
+            o.controller == Some(true)
+                && o.kind == LlmEndpoint::kind(&())
+                && o.api_version == LlmEndpoint::api_version(&())
+        })
+        .map(|o| ObjectRef::new(&o.name).within(&namespace))
 }
 
 fn endpoints_using_secret(
@@ -218,7 +301,18 @@ enum Credentials {
 pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = endpoint.namespace().ok_or(Error::NotNamespaced)?;
     let name = endpoint.name_any();
-    let environment = environment_of(&ctx, &namespace).await?;
+    ctx.caches
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CachesClosed)?;
+    if ctx.status_writes.is_behind(&endpoint) {
+        // The event of that write is on its way and triggers a reconcile of its own.
+        return Ok(Action::await_change());
+    }
+    let Some(environment) = environment_of(&ctx, &namespace) else {
+        tracing::debug!(%namespace, "namespace not cached yet; its watch event re-triggers");
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
     let generation = endpoint.metadata.generation;
 
     let rendering = match render(&name, &endpoint.spec, &environment) {
@@ -264,52 +358,13 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
         }
     };
 
-    apply_config_map(&ctx, &endpoint, &namespace, &rendering).await?;
-    let credentials = resolve_credentials(&ctx, &namespace, &rendering.secrets).await?;
-    let (credentials_condition, ready, requeue) = match &credentials {
-        Credentials::NotNeeded => {
-            delete_copied_secret(&ctx, &namespace, &name).await?;
-            (
-                condition(
-                    "CredentialsResolved",
-                    true,
-                    "NotNeeded",
-                    "this provider needs no key",
-                    generation,
-                ),
-                true,
-                None,
-            )
-        }
-        Credentials::Resolved(data) => {
-            apply_secret(&ctx, &endpoint, &namespace, &rendering, data).await?;
-            let sources = rendering
-                .secrets
-                .iter()
-                .map(|c| format!("{}/{}", c.source.name, c.source.key))
-                .collect::<Vec<_>>()
-                .join(", ");
-            (
-                condition(
-                    "CredentialsResolved",
-                    true,
-                    "SecretFound",
-                    &format!("copied {sources}"),
-                    generation,
-                ),
-                true,
-                None,
-            )
-        }
-        Credentials::Unresolved { reason, message } => {
-            publish(&ctx, &endpoint, EventType::Warning, reason, message).await;
-            (
-                condition("CredentialsResolved", false, reason, message, generation),
-                false,
-                Some(CREDENTIALS_RETRY),
-            )
-        }
-    };
+    let credentials = resolve_credentials(&ctx, &namespace, &rendering.secrets);
+    // The ConfigMap and the Secret copy do not depend on each other: both writes go out at
+    // once, which halves the round trips a new endpoint waits for before its status.
+    let ((), (credentials_condition, ready, requeue)) = futures::try_join!(
+        apply_config_map(&ctx, &endpoint, &namespace, &rendering),
+        apply_credentials(&ctx, &endpoint, &namespace, &rendering, &credentials),
+    )?;
     let ready_condition = if ready {
         condition(
             "Ready",
@@ -362,14 +417,74 @@ pub async fn reconcile(endpoint: Arc<LlmEndpoint>, ctx: Arc<Context>) -> Result<
     })
 }
 
-async fn environment_of(ctx: &Context, namespace: &str) -> Result<String, Error> {
-    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
-    let ns = namespaces.get(namespace).await?;
-    Ok(ns
-        .labels()
-        .get(ENVIRONMENT_LABEL)
-        .cloned()
-        .unwrap_or_else(|| ctx.default_environment.clone()))
+/// Copies the Secret keys the endpoint needs (or removes a copy no longer needed) and
+/// says how that went: the `CredentialsResolved` condition, whether the endpoint can be
+/// Ready, and when to look again for a key that is missing.
+async fn apply_credentials(
+    ctx: &Context,
+    endpoint: &LlmEndpoint,
+    namespace: &str,
+    rendering: &Rendering,
+    credentials: &Credentials,
+) -> Result<(Condition, bool, Option<Duration>), Error> {
+    let name = endpoint.name_any();
+    let generation = endpoint.metadata.generation;
+    Ok(match credentials {
+        Credentials::NotNeeded => {
+            delete_copied_secret(ctx, namespace, &name).await?;
+            (
+                condition(
+                    "CredentialsResolved",
+                    true,
+                    "NotNeeded",
+                    "this provider needs no key",
+                    generation,
+                ),
+                true,
+                None,
+            )
+        }
+        Credentials::Resolved(data) => {
+            apply_secret(ctx, endpoint, namespace, rendering, data).await?;
+            let sources = rendering
+                .secrets
+                .iter()
+                .map(|c| format!("{}/{}", c.source.name, c.source.key))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (
+                condition(
+                    "CredentialsResolved",
+                    true,
+                    "SecretFound",
+                    &format!("copied {sources}"),
+                    generation,
+                ),
+                true,
+                None,
+            )
+        }
+        Credentials::Unresolved { reason, message } => {
+            publish(ctx, endpoint, EventType::Warning, reason, message).await;
+            (
+                condition("CredentialsResolved", false, reason, message, generation),
+                false,
+                Some(CREDENTIALS_RETRY),
+            )
+        }
+    })
+}
+
+/// The namespace's environment, or `None` while the namespace is not yet in the cache (its
+/// watch event then re-triggers every endpoint in it).
+fn environment_of(ctx: &Context, namespace: &str) -> Option<String> {
+    let ns = ctx.caches.namespace(namespace)?;
+    Some(
+        ns.labels()
+            .get(ENVIRONMENT_LABEL)
+            .cloned()
+            .unwrap_or_else(|| ctx.default_environment.clone()),
+    )
 }
 
 fn owned_meta(endpoint: &LlmEndpoint, namespace: &str, rendering: &Rendering) -> ObjectMeta {
@@ -423,17 +538,21 @@ async fn apply_config_map(
         ..ConfigMap::default()
     };
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    apply_if_changed(ctx, &api, &desired, |existing| {
+    let existing = ctx
+        .caches
+        .config_map(namespace, &format!("llmesh-{}", endpoint.name_any()));
+    apply_if_changed(ctx, &api, existing.as_deref(), &desired, |existing| {
         existing.data == desired.data
     })
     .await
 }
 
-/// Server-side applies `desired` unless the stored object already matches it: a resync
-/// that finds nothing changed makes no write.
+/// Server-side applies `desired` unless the cached object (`existing`) already matches it:
+/// a resync that finds nothing changed makes no write.
 async fn apply_if_changed<K>(
     ctx: &Context,
     api: &Api<K>,
+    existing: Option<&K>,
     desired: &K,
     same_content: impl Fn(&K) -> bool,
 ) -> Result<(), Error>
@@ -445,8 +564,8 @@ where
         + std::fmt::Debug,
 {
     let name = desired.meta().name.clone().unwrap_or_default();
-    if let Some(existing) = api.get_opt(&name).await? {
-        if same_content(&existing) && meta_matches(existing.meta(), desired.meta()) {
+    if let Some(existing) = existing {
+        if same_content(existing) && meta_matches(existing.meta(), desired.meta()) {
             return Ok(());
         }
     }
@@ -469,39 +588,34 @@ where
     Ok(())
 }
 
-async fn resolve_credentials(
-    ctx: &Context,
-    namespace: &str,
-    wanted: &[CopiedKey],
-) -> Result<Credentials, Error> {
+fn resolve_credentials(ctx: &Context, namespace: &str, wanted: &[CopiedKey]) -> Credentials {
     if wanted.is_empty() {
-        return Ok(Credentials::NotNeeded);
+        return Credentials::NotNeeded;
     }
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let mut data = BTreeMap::new();
     for CopiedKey { key, source } in wanted {
-        let Some(secret) = api.get_opt(&source.name).await? else {
-            return Ok(Credentials::Unresolved {
+        let Some(secret) = ctx.caches.secret(namespace, &source.name) else {
+            return Credentials::Unresolved {
                 reason: "SecretNotFound",
                 message: format!("Secret {namespace}/{} does not exist", source.name),
-            });
+            };
         };
         match secret.data.as_ref().and_then(|d| d.get(&source.key)) {
             Some(value) if !value.0.is_empty() => {
                 data.insert(key.to_string(), value.clone());
             }
             _ => {
-                return Ok(Credentials::Unresolved {
+                return Credentials::Unresolved {
                     reason: "KeyNotFound",
                     message: format!(
                         "Secret {namespace}/{} has no key {:?}",
                         source.name, source.key
                     ),
-                })
+                }
             }
         }
     }
-    Ok(Credentials::Resolved(data))
+    Credentials::Resolved(data)
 }
 
 async fn apply_secret(
@@ -518,7 +632,10 @@ async fn apply_secret(
         ..Secret::default()
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    apply_if_changed(ctx, &api, &desired, |existing| {
+    let existing = ctx
+        .caches
+        .secret(namespace, &format!("llmesh-{}", endpoint.name_any()));
+    apply_if_changed(ctx, &api, existing.as_deref(), &desired, |existing| {
         existing.data == desired.data
     })
     .await
@@ -528,7 +645,7 @@ async fn apply_secret(
 async fn delete_copied_secret(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let copied = format!("llmesh-{name}");
-    if api.get_metadata_opt(&copied).await?.is_some() {
+    if ctx.caches.secret(namespace, &copied).is_some() {
         ctx.metrics.count_write("Secret");
         api.delete(&copied, &DeleteParams::default()).await?;
     }
@@ -563,12 +680,14 @@ async fn update_status(
         "status": status,
     });
     ctx.metrics.count_write("LlmEndpoint/status");
-    api.patch_status(
-        &endpoint.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &endpoint.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    ctx.status_writes.record(&written);
     Ok(())
 }
 
@@ -658,6 +777,33 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint_at(version: &str) -> LlmEndpoint {
+        let mut endpoint: LlmEndpoint = serde_json::from_value(json!({
+            "apiVersion": "llmesh.io/v1alpha1", "kind": "LlmEndpoint",
+            "metadata": {"name": "chat", "namespace": "team", "resourceVersion": version},
+            "spec": {"provider": "mock", "model": "m"},
+        }))
+        .unwrap();
+        endpoint.metadata.resource_version = Some(version.to_string());
+        endpoint
+    }
+
+    #[test]
+    fn a_cached_endpoint_older_than_the_last_status_write_is_behind_until_it_catches_up() {
+        let writes = StatusWrites::default();
+        assert!(!writes.is_behind(&endpoint_at("5")));
+        writes.record(&endpoint_at("7"));
+        assert!(writes.is_behind(&endpoint_at("6")));
+        assert!(!writes.is_behind(&endpoint_at("7")));
+        // Caught up once: forgotten, so a later older copy is not held back either.
+        assert!(!writes.is_behind(&endpoint_at("6")));
+        writes.record(&endpoint_at("9"));
+        assert!(!writes.is_behind(&endpoint_at("not-a-number")));
+        writes.record(&endpoint_at("11"));
+        writes.forget(&endpoint_at("11"));
+        assert!(!writes.is_behind(&endpoint_at("10")));
+    }
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()

@@ -1,12 +1,15 @@
 //! Scale benchmark (run by `bench/operator.sh`, ignored in the normal test run):
 //! 1,000 LlmEndpoints across 50 namespaces created at once against a control plane of its
-//! own. Reports the time until every one is Ready, the operator's CPU time and peak RSS,
-//! and the API writes a restarted operator makes when it finds nothing to change (must be 0).
+//! own. Reports how long each endpoint took from its create to Ready (p50, p99, max), the
+//! time until every one is Ready, the operator's CPU time and peak RSS, the API server's
+//! requests by verb and resource, and the writes a restarted operator makes when it finds
+//! nothing to change (must be 0).
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{eventually, install_crd};
@@ -14,6 +17,8 @@ use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::ByteString;
 use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::ResourceExt;
 use llmesh_operator::crd::LlmEndpoint;
 use llmesh_testenv::ControlPlane;
 use serde_json::json;
@@ -81,6 +86,23 @@ impl Operator {
     }
 }
 
+impl Operator {
+    /// SIGTERM, as a rolling update sends: the operator releases its lease on the way out,
+    /// so the next one leads at once instead of waiting for the lease to expire.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -88,20 +110,100 @@ impl Drop for Operator {
     }
 }
 
+fn is_ready(endpoint: &LlmEndpoint) -> bool {
+    endpoint.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+type Key = (String, String);
+
+fn key_of(endpoint: &LlmEndpoint) -> Key {
+    (
+        endpoint.namespace().unwrap_or_default(),
+        endpoint.name_any(),
+    )
+}
+
+/// Records when the test first saw each endpoint Ready, from a watch (no polling load).
+fn record_ready_times(client: kube::Client) -> Arc<Mutex<HashMap<Key, Instant>>> {
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(
+        watcher(Api::<LlmEndpoint>::all(client), watcher::Config::default())
+            .applied_objects()
+            .for_each(move |endpoint| {
+                if let Ok(endpoint) = endpoint {
+                    if is_ready(&endpoint) {
+                        record
+                            .lock()
+                            .unwrap()
+                            .entry(key_of(&endpoint))
+                            .or_insert_with(Instant::now);
+                    }
+                }
+                std::future::ready(())
+            }),
+    );
+    seen
+}
+
+/// `apiserver_request_total` summed by "VERB resource[/subresource]".
+async fn api_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap_or_default();
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let (resource, subresource) = (label("resource"), label("subresource"));
+        if resource.is_empty() {
+            continue;
+        }
+        let key = if subresource.is_empty() {
+            format!("{} {resource}", label("verb"))
+        } else {
+            format!("{} {resource}/{subresource}", label("verb"))
+        };
+        *counts.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    counts
+}
+
+fn requests_since(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(rank).copied().unwrap_or(f64::NAN)
+}
+
 async fn count_ready(api: &Api<LlmEndpoint>) -> usize {
     let Ok(list) = api.list(&ListParams::default()).await else {
         return 0;
     };
-    list.items
-        .iter()
-        .filter(|e| {
-            e.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        })
-        .count()
+    list.items.iter().filter(|e| is_ready(e)).count()
 }
 
 #[tokio::test]
@@ -141,13 +243,15 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
         namespaces.push(name);
     }
 
+    let ready_at = record_ready_times(client.clone());
+    let requests_before = api_requests(&client).await;
     let operator = Operator::start(&plane, &lease_ns);
     let started = Instant::now();
     let creations = namespaces
         .iter()
         .flat_map(|ns| (0..PER_NAMESPACE).map(move |j| (ns.clone(), j)));
-    stream::iter(creations)
-        .for_each_concurrent(32, |(ns, j)| {
+    let created_at: HashMap<Key, Instant> = stream::iter(creations)
+        .map(|(ns, j)| {
             let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), &ns);
             async move {
                 let endpoint: LlmEndpoint = serde_json::from_value(json!({
@@ -160,18 +264,37 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
                     },
                 }))
                 .unwrap();
-                api.create(&PostParams::default(), &endpoint).await.unwrap();
+                let created = api.create(&PostParams::default(), &endpoint).await.unwrap();
+                (key_of(&created), Instant::now())
             }
         })
+        .buffer_unordered(32)
+        .collect()
         .await;
     let created_after = started.elapsed();
     let all: Api<LlmEndpoint> = Api::all(client.clone());
     let total = NAMESPACES * PER_NAMESPACE;
     let ready = eventually(Duration::from_secs(600), || async {
-        (count_ready(&all).await == total).then_some(())
+        (ready_at.lock().unwrap().len() == total).then_some(())
     })
     .await;
-    let ready_after = started.elapsed();
+    let ready_after = ready_at
+        .lock()
+        .unwrap()
+        .values()
+        .max()
+        .map_or(started.elapsed(), |last| last.duration_since(started));
+    let requests_to_ready = requests_since(&requests_before, &api_requests(&client).await);
+    let mut lags: Vec<f64> = ready_at
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(key, ready)| {
+            let created = created_at.get(key)?;
+            Some(ready.saturating_duration_since(*created).as_secs_f64())
+        })
+        .collect();
+    lags.sort_by(f64::total_cmp);
     assert!(
         ready.is_some(),
         "only {} of {total} became Ready",
@@ -186,9 +309,10 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
         .metric("llmesh_operator_api_writes_total")
         .await
         .unwrap_or(0.0);
-    drop(operator);
+    operator.stop();
 
     // A fresh operator reconciles every endpoint again and must find nothing to write.
+    let requests_before = api_requests(&client).await;
     let restarted = Operator::start(&plane, &lease_ns);
     let resync_started = Instant::now();
     let resynced = eventually(Duration::from_secs(600), || async {
@@ -209,18 +333,29 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
         .metric("process_cpu_seconds_total")
         .await
         .unwrap_or(f64::NAN);
+    let resync_rss = restarted.peak_rss_mib();
+    let resync_requests = requests_since(&requests_before, &api_requests(&client).await);
 
     let report = json!({
         "endpoints": total,
         "namespaces": NAMESPACES,
         "create_requests_done_s": created_after.as_secs_f64(),
         "all_ready_s": ready_after.as_secs_f64(),
+        "ready_lag_s": {
+            "p50": percentile(&lags, 0.5),
+            "p99": percentile(&lags, 0.99),
+            "max": lags.last().copied().unwrap_or(f64::NAN),
+            "over_1s": lags.iter().filter(|l| **l > 1.0).count(),
+        },
         "operator_cpu_s": cpu,
         "operator_peak_rss_mib": rss,
         "api_writes_to_ready": writes,
+        "api_requests_to_ready": requests_to_ready,
         "resync_s": resync_after.as_secs_f64(),
         "resync_api_writes": resync_writes,
         "resync_cpu_s": resync_cpu,
+        "resync_peak_rss_mib": resync_rss,
+        "resync_api_requests": resync_requests,
     });
     println!("SCALE-REPORT {report}");
     assert_eq!(
