@@ -163,26 +163,12 @@ mod tests {
 
     #[test]
     fn a_line_has_the_shape_tracing_gives_the_same_event() {
-        use std::sync::{Arc, Mutex};
-
-        #[derive(Clone, Default)]
-        struct Capture(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Capture {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let capture = Capture::default();
-        let writer = capture.clone();
+        let capture = crate::test_support::CapturedLog::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_writer(move || writer.clone())
+            .with_writer(capture.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(
@@ -193,8 +179,7 @@ mod tests {
                 "request"
             );
         });
-        let from_tracing: serde_json::Value =
-            serde_json::from_slice(&capture.0.lock().unwrap()).unwrap();
+        let from_tracing: serde_json::Value = serde_json::from_slice(&capture.bytes()).unwrap();
 
         let mut line = JsonLine::new("INFO", "request");
         line.str("id", "a\"b");

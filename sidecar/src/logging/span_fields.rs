@@ -170,28 +170,7 @@ mod tests {
 
     #[test]
     fn span_fields_make_a_json_object_and_later_fields_join_it() {
-        use std::sync::{Arc, Mutex};
-        use tracing_subscriber::fmt::MakeWriter;
-
-        #[derive(Clone, Default)]
-        struct Capture(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Capture {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl<'a> MakeWriter<'a> for Capture {
-            type Writer = Capture;
-            fn make_writer(&'a self) -> Capture {
-                self.clone()
-            }
-        }
-
-        let capture = Capture::default();
+        let capture = crate::test_support::CapturedLog::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
@@ -205,7 +184,7 @@ mod tests {
             span.record("late", true);
             span.in_scope(|| tracing::warn!(endpoint = "chat", "circuit opened"));
         });
-        let out = capture.0.lock().unwrap().clone();
+        let out = capture.bytes();
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         let span = &line["spans"][0];
         assert_eq!(span["request_id"], "req \"1\"", "{line}");
