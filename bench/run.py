@@ -173,7 +173,11 @@ SIDECARS = {
     "llmesh-cache-miss": (BARE + "\n    cache: {ttl: 1h}", []),
 }
 CACHE_TARGETS = {"llmesh-cache-hit", "llmesh-cache-miss", "nginx-static"}
-OPT_IN = {"llmesh-translated", *CACHE_TARGETS}
+# The least a hyper and tokio proxy costs (tests/testkit/src/bin/llmesh-floor-proxy.rs), with
+# hyper-util's pooled client as the sidecar uses, and with a plain stack of idle connections:
+# what the sidecar's libraries take, apart from what its features add.
+FLOORS = {"hyper-floor": "legacy", "hyper-floor-direct": "direct"}
+OPT_IN = {"llmesh-translated", *CACHE_TARGETS, *FLOORS}
 # Plain English, so that the tokenizer does the work it does on real prompts.
 PROMPT = ("Summarise the quarterly report: revenue rose twelve percent while costs held steady, "
           "and the board approved the new hiring plan for the support team in Lisbon. ") * 6
@@ -230,6 +234,15 @@ def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_po
         stderr=log,
     )
     wait_port(port, timeout=start_timeout)
+    return proc
+
+
+def start_floor_proxy(client, upstream_port, port):
+    proc = subprocess.Popen([
+        str(RELEASE / "llmesh-floor-proxy"), "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"127.0.0.1:{upstream_port}", "--client", client,
+    ])
+    wait_port(port)
     return proc
 
 
@@ -376,7 +389,7 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     default_proxies = [n for n in SIDECARS if n not in OPT_IN]
     parser.add_argument("--proxies", default=",".join([*default_proxies, "nginx"]),
-                        help=f"which of {', '.join([*SIDECARS, 'nginx', 'nginx-static'])} to run")
+                        help=f"which of {', '.join([*SIDECARS, 'nginx', 'nginx-static', *FLOORS])} to run")
     parser.add_argument("--baseline", metavar="BINARY",
                         help="another llmesh-sidecar build (say, of an older commit) to run side by side as "
                              "llmesh-baseline, with the endpoint alone: no retry, breaker or limits blocks, "
@@ -435,6 +448,8 @@ def main():
                 continue
             if name == "nginx":
                 proc = start_nginx(tmp, up_port, port)
+            elif name in FLOORS:
+                proc = start_floor_proxy(FLOORS[name], up_port, port)
             elif name == "llmesh-baseline":
                 settings, extra_args = SIDECARS[args.baseline_as] if args.baseline_as else ("", [])
                 proc = start_sidecar(tmp, name, settings, extra_args, up_port, port, free_port(),
