@@ -111,7 +111,7 @@ async fn serve(
 }
 
 enum Forwarder {
-    Legacy(Client<HttpConnector, Incoming>, http::uri::Authority),
+    Legacy(Box<Client<HttpConnector, Incoming>>, http::uri::Authority),
     Direct(Rc<IdleConnections>, SocketAddr),
 }
 
@@ -129,7 +129,7 @@ impl Forwarder {
                     .to_string()
                     .parse()
                     .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
-                Forwarder::Legacy(client, authority)
+                Forwarder::Legacy(Box::new(client), authority)
             }
             ClientKind::Direct => Forwarder::Direct(Rc::default(), upstream),
         }
