@@ -1,8 +1,9 @@
 //! Scale benchmark (run by `bench/operator.sh`, ignored in the normal test run):
 //! 1,000 LlmEndpoints across 50 namespaces created at once against a control plane of its
 //! own. Reports how long each endpoint took from its create to Ready (p50, p99, max), the
-//! time until every one is Ready, the operator's CPU time and peak RSS, the API server's
-//! requests by verb and resource, and the writes a restarted operator makes when it finds
+//! time until every one is Ready, the creates' own latency, the operator's mean reconcile time,
+//! CPU time and peak RSS, the API server's requests and its mean time serving them by verb and
+//! resource, and the writes a restarted operator makes when it finds
 //! nothing to change (must be 0).
 
 mod common;
@@ -25,6 +26,17 @@ use serde_json::json;
 
 const NAMESPACES: usize = 50;
 const PER_NAMESPACE: usize = 20;
+
+/// `LLMESH_SCALE_CREATES_PER_SECOND` paces the creates; unset, they go as fast as 32 at a time
+/// allow. A burst measures the API server saturated by the test itself; a pace the API server
+/// keeps up with measures the operator's own lag.
+fn creates_per_second() -> Option<f64> {
+    std::env::var("LLMESH_SCALE_CREATES_PER_SECOND")
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|rate: &f64| *rate > 0.0)
+}
 
 struct Operator {
     child: Child,
@@ -150,13 +162,43 @@ fn record_ready_times(client: kube::Client) -> Arc<Mutex<HashMap<Key, Instant>>>
     seen
 }
 
-/// `apiserver_request_total` summed by "VERB resource[/subresource]".
-async fn api_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+/// The API server's requests, and the time it took serving them, by "VERB
+/// resource[/subresource]".
+struct ApiRequests {
+    counts: BTreeMap<String, f64>,
+    seconds: BTreeMap<String, f64>,
+}
+
+async fn api_requests(client: &kube::Client) -> ApiRequests {
     let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
     let text = client.request_text(request).await.unwrap_or_default();
+    ApiRequests {
+        counts: api_series(&text, "apiserver_request_total"),
+        seconds: api_series(&text, "apiserver_request_duration_seconds_sum"),
+    }
+}
+
+impl ApiRequests {
+    fn since(&self, before: &ApiRequests) -> serde_json::Value {
+        let counts = requests_since(&before.counts, &self.counts);
+        let seconds = requests_since(&before.seconds, &self.seconds);
+        // The server's mean time per request (watches excluded: they last as long as they
+        // are open).
+        let mean_ms: BTreeMap<&String, f64> = counts
+            .iter()
+            .filter(|(key, _)| !key.starts_with("WATCH"))
+            .filter_map(|(key, n)| Some((key, seconds.get(key)? / n * 1000.0)))
+            .collect();
+        json!({"count": counts, "server_mean_ms": mean_ms})
+    }
+}
+
+/// A series of the API server's `metric` summed by "VERB resource[/subresource]".
+fn api_series(text: &str, metric: &str) -> BTreeMap<String, f64> {
+    let prefix = format!("{metric}{{");
     let mut counts = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
@@ -250,10 +292,15 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
     let creations = namespaces
         .iter()
         .flat_map(|ns| (0..PER_NAMESPACE).map(move |j| (ns.clone(), j)));
-    let created_at: HashMap<Key, Instant> = stream::iter(creations)
-        .map(|(ns, j)| {
+    let pace = creates_per_second();
+    let created: HashMap<Key, (Instant, f64)> = stream::iter(creations.enumerate())
+        .map(|(n, (ns, j))| {
             let api: Api<LlmEndpoint> = Api::namespaced(client.clone(), &ns);
+            let send_at = pace.map(|rate| started + Duration::from_secs_f64(n as f64 / rate));
             async move {
+                if let Some(at) = send_at {
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let endpoint: LlmEndpoint = serde_json::from_value(json!({
                     "apiVersion": "llmesh.io/v1alpha1", "kind": "LlmEndpoint",
                     "metadata": {"name": format!("model-{j:02}")},
@@ -264,8 +311,12 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
                     },
                 }))
                 .unwrap();
+                let sent = Instant::now();
                 let created = api.create(&PostParams::default(), &endpoint).await.unwrap();
-                (key_of(&created), Instant::now())
+                (
+                    key_of(&created),
+                    (Instant::now(), sent.elapsed().as_secs_f64()),
+                )
             }
         })
         .buffer_unordered(32)
@@ -284,13 +335,15 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
         .values()
         .max()
         .map_or(started.elapsed(), |last| last.duration_since(started));
-    let requests_to_ready = requests_since(&requests_before, &api_requests(&client).await);
+    let requests_to_ready = api_requests(&client).await.since(&requests_before);
+    let mut create_latencies: Vec<f64> = created.values().map(|(_, took)| *took).collect();
+    create_latencies.sort_by(f64::total_cmp);
     let mut lags: Vec<f64> = ready_at
         .lock()
         .unwrap()
         .iter()
         .filter_map(|(key, ready)| {
-            let created = created_at.get(key)?;
+            let (created, _) = created.get(key)?;
             Some(ready.saturating_duration_since(*created).as_secs_f64())
         })
         .collect();
@@ -309,6 +362,17 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
         .metric("llmesh_operator_api_writes_total")
         .await
         .unwrap_or(0.0);
+    let reconcile_mean_ms = match (
+        operator
+            .metric("llmesh_operator_reconcile_duration_seconds_sum")
+            .await,
+        operator
+            .metric("llmesh_operator_reconcile_duration_seconds_count")
+            .await,
+    ) {
+        (Some(sum), Some(count)) if count > 0.0 => sum / count * 1000.0,
+        _ => f64::NAN,
+    };
     operator.stop();
 
     // A fresh operator reconciles every endpoint again and must find nothing to write.
@@ -334,10 +398,11 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
         .await
         .unwrap_or(f64::NAN);
     let resync_rss = restarted.peak_rss_mib();
-    let resync_requests = requests_since(&requests_before, &api_requests(&client).await);
+    let resync_requests = api_requests(&client).await.since(&requests_before);
 
     let report = json!({
         "endpoints": total,
+        "creates_per_second": pace,
         "namespaces": NAMESPACES,
         "create_requests_done_s": created_after.as_secs_f64(),
         "all_ready_s": ready_after.as_secs_f64(),
@@ -347,6 +412,11 @@ async fn thousand_endpoints_become_ready_and_a_resync_writes_nothing() {
             "max": lags.last().copied().unwrap_or(f64::NAN),
             "over_1s": lags.iter().filter(|l| **l > 1.0).count(),
         },
+        "create_latency_s": {
+            "p50": percentile(&create_latencies, 0.5),
+            "p99": percentile(&create_latencies, 0.99),
+        },
+        "reconcile_mean_ms": reconcile_mean_ms,
         "operator_cpu_s": cpu,
         "operator_peak_rss_mib": rss,
         "api_writes_to_ready": writes,
