@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod dialect;
 pub mod drain;
 pub mod error;
+mod json_string;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -6,6 +6,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::json_string::push_json_string;
+
 pub struct JsonLine {
     buf: Vec<u8>,
 }
@@ -34,8 +36,7 @@ impl JsonLine {
     /// A string field, escaped (values may come from the app: ids, paths, model names).
     pub fn str(&mut self, key: &'static str, value: &str) {
         self.key(key);
-        // Writing into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.buf, value);
+        push_json_string(&mut self.buf, value);
     }
 
     pub fn u64(&mut self, key: &'static str, value: u64) {

@@ -13,6 +13,8 @@ use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 
+use crate::json_string::push_json_string;
+
 #[derive(Debug, Default)]
 pub struct JsonSpanFields;
 
@@ -111,62 +113,9 @@ fn push_display(out: &mut String, value: impl fmt::Display) {
     let _ = write!(out, "{value}");
 }
 
-/// `text` as a JSON string, escaped as `serde_json` escapes: runs of bytes that need no
-/// escape are copied whole.
-fn push_json_string(out: &mut String, text: &str) {
-    out.reserve(text.len() + 2);
-    out.push('"');
-    // Ids and names rarely need an escape: one quick pass to find out.
-    if !text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(text);
-        out.push('"');
-        return;
-    }
-    let mut copied = 0;
-    for (at, byte) in text.bytes().enumerate() {
-        let escape = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..0x20 => "",
-            _ => continue,
-        };
-        // Escapes are all ASCII, so `at` is a character boundary.
-        out.push_str(text.get(copied..at).unwrap_or_default());
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{byte:04x}");
-        } else {
-            out.push_str(escape);
-        }
-        copied = at + 1;
-    }
-    out.push_str(text.get(copied..).unwrap_or_default());
-    out.push('"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn strings_are_escaped_as_serde_json_escapes_them() {
-        let samples = [
-            "plain",
-            "quote \" and backslash \\",
-            "controls \n\r\t\u{08}\u{0c}\u{01}\u{1f} and DEL \u{7f}",
-            "unicode é ✓ 🦀",
-            "",
-        ];
-        for sample in samples {
-            let mut ours = String::new();
-            push_json_string(&mut ours, sample);
-            assert_eq!(ours, serde_json::to_string(sample).unwrap());
-        }
-    }
 
     #[test]
     fn span_fields_make_a_json_object_and_later_fields_join_it() {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
+use crate::json_string::push_json_string;
 
 pub struct RequestJson<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
@@ -109,14 +110,14 @@ impl<'a> RequestJson<'a> {
             if !std::mem::take(&mut first) {
                 out.push(b',');
             }
-            write_json_string(out, key);
+            push_json_string(out, key);
             out.push(b':');
         };
         for (i, (key, value)) in self.fields.iter().enumerate() {
             if key == "model" {
                 if Some(i) == last_model {
                     field(&mut out, key);
-                    write_json_string(&mut out, model);
+                    push_json_string(&mut out, model);
                 }
             } else if ask_usage && key == "stream_options" {
                 has_stream_options = true;
@@ -129,7 +130,7 @@ impl<'a> RequestJson<'a> {
         }
         if last_model.is_none() {
             field(&mut out, "model");
-            write_json_string(&mut out, model);
+            push_json_string(&mut out, model);
         }
         if ask_usage && !has_stream_options {
             field(&mut out, "stream_options");
@@ -146,18 +147,13 @@ fn write_options_with_usage(out: &mut Vec<u8>, raw: &RawValue) {
     out.push(b'{');
     if let Ok(options) = RequestJson::parse(raw.get().as_bytes()) {
         for (key, value) in options.fields.iter().filter(|(k, _)| k != "include_usage") {
-            write_json_string(out, key);
+            push_json_string(out, key);
             out.push(b':');
             out.extend_from_slice(value.get().as_bytes());
             out.push(b',');
         }
     }
     out.extend_from_slice(br#""include_usage":true}"#);
-}
-
-fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]
