@@ -16,8 +16,9 @@ pub struct RequestJson<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
+/// A key or string, borrowed from the body unless it has escapes.
 #[derive(Deserialize)]
-struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+pub(crate) struct Key<'a>(#[serde(borrow)] pub(crate) Cow<'a, str>);
 
 struct FieldsVisitor;
 

@@ -8,7 +8,7 @@
 mod body;
 mod dispatch;
 mod forward;
-mod json;
+pub(crate) mod json;
 mod log;
 mod path;
 mod usage;

@@ -11,14 +11,15 @@
 //! string for every field of every message) cost more than all the rest of admitting a
 //! request.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Prompt, IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS};
+use crate::proxy::json::Key;
+#[cfg(test)]
+use crate::proxy::json::RequestJson;
 
 /// The fields whose strings are prompt text, in the order they are read.
 const TEXT_FIELDS: [&str; 5] = ["messages", "prompt", "input", "instructions", "system"];
@@ -74,20 +75,14 @@ impl Prompt {
     /// [`Self::from_fields`] of a whole body; a body that is not a JSON object counts as text.
     #[cfg(test)]
     pub fn from_request(body: &[u8]) -> Prompt {
-        let Some(fields) = top_level_fields(body) else {
+        let Ok(json) = RequestJson::parse(body) else {
             return Prompt {
                 text: String::from_utf8_lossy(body).into_owned(),
                 choices: 1,
                 ..Prompt::default()
             };
         };
-        Prompt::from_fields(|name| {
-            fields
-                .iter()
-                .rev()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| *v)
-        })
+        Prompt::from_fields(|name| json.get(name))
     }
 
     fn push_piece(&mut self, text: &str) {
@@ -95,43 +90,6 @@ impl Prompt {
         self.text.push('\n');
         self.piece_ends.push(self.text.len());
     }
-}
-
-#[cfg(test)]
-type Fields<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
-
-/// A key or string, borrowed from the body unless it has escapes.
-#[derive(Deserialize)]
-struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// The top-level fields of a JSON object, values left as raw slices; `None` when the body
-/// is not one.
-#[cfg(test)]
-fn top_level_fields(body: &[u8]) -> Option<Fields<'_>> {
-    struct ObjectFields;
-
-    impl<'de> Visitor<'de> for ObjectFields {
-        type Value = Fields<'de>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON object")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-            while let Some((Borrowed(key), value)) =
-                map.next_entry::<Borrowed<'de>, &'de RawValue>()?
-            {
-                fields.push((key, value));
-            }
-            Ok(fields)
-        }
-    }
-
-    let mut reader = serde_json::Deserializer::from_slice(body);
-    let fields = reader.deserialize_map(ObjectFields).ok()?;
-    reader.end().ok()?;
-    Some(fields)
 }
 
 /// The length `json` would have serialized without white space between tokens.
@@ -261,12 +219,12 @@ impl<'de> Visitor<'de> for Walk<'_> {
             self.prompt.fixed_tokens,
         );
         let mut image = false;
-        while let Some(Borrowed(key)) = members.next_key::<Borrowed<'de>>()? {
+        while let Some(Key(key)) = members.next_key::<Key<'de>>()? {
             if key == "type" {
                 // Raw, so that a `type` that is not a string is skipped like any other value.
                 let kind = members.next_value::<&'de RawValue>()?;
-                image |= serde_json::from_str::<Borrowed<'_>>(kind.get())
-                    .is_ok_and(|Borrowed(kind)| kind.contains("image"));
+                image |= serde_json::from_str::<Key<'_>>(kind.get())
+                    .is_ok_and(|Key(kind)| kind.contains("image"));
             } else if TEXT_MEMBERS.contains(&key.as_ref()) {
                 members.next_value_seed(self.nested(Mode::Text))?;
             } else if NESTED_TEXT_MEMBERS.contains(&key.as_ref()) {
@@ -384,14 +342,8 @@ mod tests {
         ] {
             let body =
                 format!(r#"{{"messages":[{{"content":{stopper}}},{{"content":"{long}"}}]}}"#);
-            let fields = top_level_fields(body.as_bytes()).expect("the split accepts it");
-            let prompt = Prompt::from_fields(|name| {
-                fields
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| *v)
-            });
+            let json = RequestJson::parse(body.as_bytes()).expect("the split accepts it");
+            let prompt = Prompt::from_fields(|name| json.get(name));
             assert!(
                 prompt.fixed_tokens >= long.len() as u64 / 4,
                 "{stopper:.20}: {}",
