@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::futures::Notified;
 use tokio::time::{Instant, Sleep};
 
@@ -27,6 +26,7 @@ use crate::metrics::TokenCount;
 use crate::provider::mock::MockStream;
 use crate::redact::BodyRedactor;
 use crate::snapshot::Endpoint;
+use crate::upstream_client::UpstreamResponseBody;
 use crate::wait;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -355,7 +355,7 @@ impl TranslatedBody {
 /// any other body is cut off, so the app sees a truncated response rather than a
 /// well-formed but incomplete one.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: UpstreamResponseBody,
     endpoint: String,
     sse: bool,
     idle: Duration,
@@ -379,7 +379,7 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     /// The body of `endpoint`'s response, in `dialect`'s API (a stream if `sse`).
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamResponseBody,
         endpoint: &Endpoint,
         sse: bool,
         deadline: Instant,

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::Response;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::forward::{self, UpstreamCall};
@@ -26,7 +25,7 @@ use crate::provider;
 use crate::resilience::breaker::Admission;
 use crate::resilience::retry::{self, RetryReason};
 use crate::snapshot::{Backend, Endpoint, Snapshot, Upstream};
-use crate::upstream_client::UpstreamRequestBody;
+use crate::upstream_client::{UpstreamRequestBody, UpstreamResponseBody};
 use crate::wait;
 
 /// How the request body is sent on each attempt.
@@ -55,7 +54,7 @@ pub struct Call<'a> {
 
 /// What answered, with what it holds until the response ends.
 pub struct Answer {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamResponseBody>,
     pub endpoint: Arc<Endpoint>,
     pub permit: Option<Permit>,
     pub attempts: u32,
@@ -249,7 +248,7 @@ async fn send_once(
     endpoint: &Endpoint,
     upstream: &Upstream,
     deadline: Instant,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamResponseBody>, ProxyError> {
     let mut api_path = call.api_path;
     let (body, content_length): (UpstreamRequestBody, Option<u64>) = match &mut call.body {
         CallBody::Json {

@@ -6,14 +6,13 @@ use std::error::Error as StdError;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::config::{EndpointConfig, ProviderKind};
 use crate::error::ProxyError;
 use crate::snapshot::{CredentialState, Endpoint, Upstream};
 use crate::trace::TRACEPARENT;
-use crate::upstream_client::{self, UpstreamRequestBody};
+use crate::upstream_client::{self, SendError, UpstreamRequestBody, UpstreamResponseBody};
 use crate::wait;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -67,7 +66,7 @@ pub struct UpstreamCall<'a> {
     pub deadline: Instant,
 }
 
-pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyError> {
+pub async fn send(call: UpstreamCall<'_>) -> Result<Response<UpstreamResponseBody>, ProxyError> {
     let endpoint = call.endpoint.name();
     let credential = match &call.upstream.credential {
         CredentialState::Loaded(c) => Some(c),
@@ -108,8 +107,8 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<Incoming>, ProxyErr
     let timeouts = &call.endpoint.config.timeouts;
     let headers_deadline =
         wait::after(Instant::now(), timeouts.first_byte.get()).min(call.deadline);
-    let client = upstream_client::for_connect_timeout(timeouts.connect.get());
-    let response = match tokio::time::timeout_at(headers_deadline, client.request(request)).await {
+    let sent = upstream_client::send(timeouts.connect.get(), request);
+    let response = match tokio::time::timeout_at(headers_deadline, sent).await {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => return Err(classify_send_error(call.endpoint, &error)),
         Err(_elapsed) => {
@@ -181,10 +180,7 @@ fn strip_response_headers(headers: &mut HeaderMap) {
     }
 }
 
-fn classify_send_error(
-    endpoint: &Endpoint,
-    error: &hyper_util::client::legacy::Error,
-) -> ProxyError {
+fn classify_send_error(endpoint: &Endpoint, error: &SendError) -> ProxyError {
     if find_cause::<http_body_util::LengthLimitError>(error).is_some() {
         // The app's streamed body outgrew the limit while it was being sent upstream.
         return ProxyError::BodyTooLarge {

@@ -45,6 +45,7 @@ use crate::redact::BodyRedactor;
 use crate::reload::SharedState;
 use crate::snapshot::{Backend, Endpoint, Snapshot};
 use crate::trace::TraceContext;
+use crate::upstream_client::UpstreamResponseBody;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Request: the app picks an endpoint by name. Response: the endpoint that served.
@@ -608,7 +609,7 @@ async fn passthrough(
 }
 
 fn upstream_response(
-    response: Response<Incoming>,
+    response: Response<UpstreamResponseBody>,
     endpoint: &Endpoint,
     deadline: Instant,
     dialect: Dialect,
