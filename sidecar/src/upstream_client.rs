@@ -140,7 +140,9 @@ pub async fn send(
             Attempt::Unsent(returned) => request = returned,
         }
     }
-    let sent = match connect(&key).await? {
+    // Boxed: connecting is rare, and its futures (TLS, the HTTP/2 handshake) are large; in
+    // place they would make every request's future as large, and copied as often.
+    let sent = match Box::pin(connect(&key)).await? {
         Checkout::Http1(sender) => send_http1(sender, &key, &path, request).await,
         Checkout::Http2(sender) => {
             with_origin(&key, |origin| origin.shared_h2 = Some(sender.clone()));
