@@ -23,7 +23,10 @@ impl JsonBuffer for Vec<u8> {
 pub fn push_json_string<B: JsonBuffer>(out: &mut B, text: &str) {
     // A fold rather than `any`: with no early exit the compiler checks a vector of bytes
     // per instruction, which for the short strings of a log line is most of the cost.
-    if !text.bytes().fold(false, |found, byte| found | needs_escape(byte)) {
+    if !text
+        .bytes()
+        .fold(false, |found, byte| found | needs_escape(byte))
+    {
         out.push_text("\"");
         out.push_text(text);
         out.push_text("\"");

@@ -243,9 +243,14 @@ async fn route(
             }
         }
         (&Method::POST, p) if JSON_ROUTES.contains(&p) => {
-            json_call(snapshot, request, &api_path, ids, log).await
+            // Boxed too: the future of a JSON call is several kilobytes, and each enclosing
+            // future would otherwise hold (and copy) it again.
+            Box::pin(json_call(snapshot, request, &api_path, ids, log)).await
         }
-        _ => passthrough(snapshot, request, &api_path, ids, log).await,
+        // Boxed here and below: a branch that few requests take would otherwise make every
+        // request's future (kept per request in flight) as large as its own, and copied
+        // as often. The common path (a JSON call answered by its upstream) stays in place.
+        _ => Box::pin(passthrough(snapshot, request, &api_path, ids, log)).await,
     }
 }
 
@@ -348,7 +353,7 @@ async fn json_call(
             api_path,
             metrics: ids.metrics,
         };
-        if let Some(served) = hit.answer(log).await {
+        if let Some(served) = Box::pin(hit.answer(log)).await {
             return Ok(served);
         }
         match cache.turn(*key) {
@@ -362,8 +367,8 @@ async fn json_call(
                     .total
                     .get()
                     .min(cache::MAX_COALESCED_WAIT);
-                cache::wait(waiting, at_most).await;
-                if let Some(served) = hit.answer(log).await {
+                Box::pin(cache::wait(waiting, at_most)).await;
+                if let Some(served) = Box::pin(hit.answer(log)).await {
                     return Ok(served);
                 }
             }
@@ -470,7 +475,8 @@ async fn call_endpoint(
             attempts,
         } => {
             log.endpoint = Some(Arc::clone(&endpoint));
-            let response = mock_answer(&endpoint, &parts.method, api_path, bytes, ids).await;
+            let response =
+                Box::pin(mock_answer(&endpoint, &parts.method, api_path, bytes, ids)).await;
             let (response, sse) = match response {
                 Ok(answer) => answer,
                 Err(e) => return Err(Failure::new(e, Some(endpoint))),
@@ -493,11 +499,15 @@ async fn call_endpoint(
             log.endpoint = Some(Arc::clone(&answer.endpoint));
             if let Plan::Translated(translation) = dialect::plan(api_path, &answer.endpoint.config)
             {
-                return translated_answer(answer, translation, bytes, ask_usage).await;
+                return Box::pin(translated_answer(answer, translation, bytes, ask_usage)).await;
             }
-            let answer = match route_missing_upstream(answer, &parts.method, api_path).await? {
-                Ok(answer) => answer,
-                Err(served) => return Ok(served),
+            let answer = if is_route_missing(&answer) {
+                match Box::pin(route_missing_upstream(answer, &parts.method, api_path)).await? {
+                    Ok(answer) => answer,
+                    Err(served) => return Ok(served),
+                }
+            } else {
+                answer
             };
             let success = answer.response.status().is_success();
             let wire = Dialect::of_route(api_path).unwrap_or(Dialect::Chat);
@@ -779,15 +789,19 @@ async fn translated_answer(
 /// about the request (a model it does not know), lacks the route itself (a chat-only server
 /// asked for `/v1/responses`): the app is told so, naming the route and the endpoint,
 /// instead of getting the server's bare "Not Found".
+/// Whether the upstream answered that it has no such route (404 or 405), which
+/// [`route_missing_upstream`] looks into.
+fn is_route_missing(answer: &dispatch::Answer) -> bool {
+    let status = answer.response.status();
+    status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED
+}
+
 async fn route_missing_upstream(
     answer: dispatch::Answer,
     method: &Method,
     api_path: &str,
 ) -> Result<Result<dispatch::Answer, Served>, Failure> {
     let status = answer.response.status();
-    if status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED {
-        return Ok(Ok(answer));
-    }
     let dispatch::Answer {
         response,
         endpoint,
