@@ -4,9 +4,9 @@
 //! Run beside the sidecar and nginx, it splits the sidecar's cost into what the libraries it
 //! is built on take and what its own features add.
 //!
-//! `--client legacy` forwards through hyper-util's pooled client, as the sidecar does;
-//! `--client direct` keeps each worker's idle upstream connections in a plain stack and
-//! speaks hyper's connection API, to price the pool itself.
+//! `--client legacy` forwards through hyper-util's pooled client, as the sidecar did until it
+//! kept its own connections; `--client direct` keeps each worker's idle upstream connections
+//! in a plain stack and speaks hyper's connection API, as the sidecar's `upstream_client` does.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
