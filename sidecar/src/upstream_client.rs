@@ -11,7 +11,8 @@
 //! of the pool key and, whenever a connection was not idle yet when its response arrived, a
 //! task spawned to return it later (`docs/benchmarks.md`, issue 19).
 //!
-//! Pools outlive config reloads, so warm connections survive them.
+//! Pools outlive config reloads, so warm connections survive them; a sweep on each worker
+//! lets go of connections past use and forgets origins no longer called.
 
 use std::cell::RefCell;
 use std::error::Error as StdError;
@@ -42,6 +43,15 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// balancers close theirs at about 120 s, and a connection picked just as the other side
 /// closes it fails the request.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How often a worker closes the connections it no longer uses: without it, those of an
+/// upstream a reload removed would stay open until that upstream closed them, if ever.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// HTTP/2 pings while requests are open: a connection whose other side vanished without a
+/// reset (a NAT or load balancer that forgot it) is closed after this long, not left to
+/// time out every request the worker sends on it.
+const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -83,12 +93,30 @@ struct Origin {
     /// scheme's default), built once.
     host: HeaderValue,
     idle: Vec<IdleConnection>,
-    shared_h2: Option<http2::SendRequest<UpstreamRequestBody>>,
+    shared_h2: Option<SharedHttp2>,
 }
 
 struct IdleConnection {
     sender: http1::SendRequest<UpstreamRequestBody>,
     since: Instant,
+}
+
+impl IdleConnection {
+    fn is_usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < POOL_IDLE_TIMEOUT && !self.sender.is_closed()
+    }
+}
+
+struct SharedHttp2 {
+    sender: http2::SendRequest<UpstreamRequestBody>,
+    last_used: Instant,
+}
+
+impl SharedHttp2 {
+    fn is_usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_used) < POOL_IDLE_TIMEOUT
+            && !self.sender.is_closed()
+    }
 }
 
 enum Checkout {
@@ -145,7 +173,12 @@ pub async fn send(
     let sent = match Box::pin(connect(&key)).await? {
         Checkout::Http1(sender) => send_http1(sender, &key, &path, request).await,
         Checkout::Http2(sender) => {
-            with_origin(&key, |origin| origin.shared_h2 = Some(sender.clone()));
+            with_origin(&key, |origin| {
+                origin.shared_h2 = Some(SharedHttp2 {
+                    sender: sender.clone(),
+                    last_used: Instant::now(),
+                })
+            });
             send_http2(sender, &key, &path, request).await
         }
     };
@@ -197,7 +230,7 @@ async fn send_http2(
     mut request: Request<UpstreamRequestBody>,
 ) -> Attempt {
     if sender.ready().await.is_err() {
-        with_origin(key, |origin| origin.shared_h2 = None);
+        forget_closed_http2(key);
         return Attempt::Unsent(request);
     }
     *request.uri_mut() = absolute_uri(key, path);
@@ -208,12 +241,19 @@ async fn send_http2(
         })),
         Err(mut error) => match error.take_message() {
             Some(request) => {
-                with_origin(key, |origin| origin.shared_h2 = None);
+                forget_closed_http2(key);
                 Attempt::Unsent(request)
             }
             None => Attempt::Failed(error.into_error()),
         },
     }
+}
+
+/// Another request may already have put a new connection in the closed one's place.
+fn forget_closed_http2(key: &OriginKey) {
+    with_origin(key, |origin| {
+        origin.shared_h2.take_if(|shared| shared.sender.is_closed());
+    });
 }
 
 fn kept_until_body_ends(
@@ -232,19 +272,30 @@ fn kept_until_body_ends(
     Response::from_parts(parts, UpstreamResponseBody { inner, returning })
 }
 
-/// A kept connection to `key`'s origin: the newest idle HTTP/1 one that is still usable,
-/// else the shared HTTP/2 one.
+/// A kept connection to `key`'s origin: the newest idle HTTP/1 one that is ready for a
+/// request, else the shared HTTP/2 one.
+///
+/// An idle connection is not ready while it still sends a request body the upstream answered
+/// before reading it all (an early 401 or 413 to a streamed upload): it stays on the stack
+/// for later rather than hold this request until that upload ends.
 fn checkout(key: &OriginKey) -> Option<Checkout> {
     with_origin(key, |origin| {
         let now = Instant::now();
-        while let Some(idle) = origin.idle.pop() {
-            let fresh = now.saturating_duration_since(idle.since) < POOL_IDLE_TIMEOUT;
-            if fresh && !idle.sender.is_closed() {
-                return Some(Checkout::Http1(idle.sender));
-            }
+        while origin.idle.last().is_some_and(|top| !top.is_usable(now)) {
+            origin.idle.pop();
         }
-        match &origin.shared_h2 {
-            Some(sender) if !sender.is_closed() => Some(Checkout::Http2(sender.clone())),
+        if let Some(at) = origin
+            .idle
+            .iter()
+            .rposition(|idle| idle.sender.is_ready() && idle.is_usable(now))
+        {
+            return Some(Checkout::Http1(origin.idle.remove(at).sender));
+        }
+        match &mut origin.shared_h2 {
+            Some(shared) if shared.is_usable(now) => {
+                shared.last_used = now;
+                Some(Checkout::Http2(shared.sender.clone()))
+            }
             _ => None,
         }
     })
@@ -264,6 +315,8 @@ async fn connect(key: &OriginKey) -> Result<Checkout, SendError> {
     if stream.connected().is_negotiated_h2() {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .keep_alive_interval(HTTP2_KEEP_ALIVE)
+            .keep_alive_timeout(HTTP2_KEEP_ALIVE)
             .handshake(stream)
             .await
             .map_err(|e| SendError::Connect(Box::new(e)))?;
@@ -290,6 +343,9 @@ fn pool_for(pools: &mut Vec<Pool>, connect_timeout: Duration) -> &mut Pool {
     {
         Some(at) => at,
         None => {
+            if pools.is_empty() {
+                start_sweeping();
+            }
             pools.push(Pool {
                 connect_timeout,
                 connector: connector(connect_timeout),
@@ -299,6 +355,34 @@ fn pool_for(pools: &mut Vec<Pool>, connect_timeout: Duration) -> &mut Pool {
         }
     };
     &mut pools[at]
+}
+
+/// Sweeps this thread's pools every [`SWEEP_INTERVAL`] for as long as its runtime runs.
+/// Each worker has a single-threaded runtime, so the task runs on the thread whose pools
+/// it sweeps.
+fn start_sweeping() {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async {
+            let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                POOLS.with(|pools| sweep(&mut pools.borrow_mut(), Instant::now()));
+            }
+        });
+    }
+}
+
+/// Drops idle connections past use (which closes them) and origins left with none.
+fn sweep(pools: &mut [Pool], now: Instant) {
+    for pool in pools {
+        pool.origins.retain_mut(|origin| {
+            origin.idle.retain(|idle| idle.is_usable(now));
+            origin.shared_h2.take_if(|shared| !shared.is_usable(now));
+            !origin.idle.is_empty() || origin.shared_h2.is_some()
+        });
+    }
 }
 
 /// Runs `f` on this thread's record of `key`'s origin, made on first use; `None` only if
@@ -381,11 +465,12 @@ fn give_back(returning: &mut Option<Box<Returning>>) {
             let now = Instant::now();
             // The oldest idle connection, if past use, is let go on the way: a stack that
             // grew in a burst shrinks as the connections at its bottom age or are closed by
-            // the other side, without a timer.
-            if origin.idle.first().is_some_and(|oldest| {
-                oldest.sender.is_closed()
-                    || now.saturating_duration_since(oldest.since) >= POOL_IDLE_TIMEOUT
-            }) {
+            // the other side, also between sweeps.
+            if origin
+                .idle
+                .first()
+                .is_some_and(|oldest| !oldest.is_usable(now))
+            {
                 origin.idle.remove(0);
             }
             origin.idle.push(IdleConnection { sender, since: now })
@@ -433,10 +518,12 @@ mod tests {
     use super::*;
 
     /// An upstream that answers every request `ok`, keeping each connection open for
-    /// `per_connection` requests, and records the request heads and connections it saw.
+    /// `per_connection` requests, and records the request heads and connections it saw, and
+    /// how many of those connections have ended.
     struct RawUpstream {
         port: u16,
         connections: Arc<AtomicUsize>,
+        ended: Arc<AtomicUsize>,
         heads: Arc<Mutex<Vec<String>>>,
     }
 
@@ -445,30 +532,38 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             let connections = Arc::new(AtomicUsize::new(0));
+            let ended = Arc::new(AtomicUsize::new(0));
             let heads = Arc::new(Mutex::new(Vec::new()));
-            let (counted, seen) = (Arc::clone(&connections), Arc::clone(&heads));
+            let (counted, counted_ends, seen) = (
+                Arc::clone(&connections),
+                Arc::clone(&ended),
+                Arc::clone(&heads),
+            );
             tokio::spawn(async move {
                 while let Ok((mut stream, _)) = listener.accept().await {
                     counted.fetch_add(1, Ordering::SeqCst);
-                    let seen = Arc::clone(&seen);
+                    let (seen, counted_ends) = (Arc::clone(&seen), Arc::clone(&counted_ends));
                     tokio::spawn(async move {
                         for _ in 0..per_connection {
                             let Some(head) = read_request(&mut stream).await else {
-                                return;
+                                break;
                             };
                             seen.lock().unwrap().push(head);
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if stream.write_all(answer).await.is_err() {
-                                return;
+                                break;
                             }
                         }
                         // Closed without a `connection: close`, as an idle timeout does.
+                        drop(stream);
+                        counted_ends.fetch_add(1, Ordering::SeqCst);
                     });
                 }
             });
             RawUpstream {
                 port,
                 connections,
+                ended,
                 heads,
             }
         }
@@ -581,6 +676,75 @@ mod tests {
         assert_eq!(first.connections.load(Ordering::SeqCst), 1);
         assert_eq!(second.connections.load(Ordering::SeqCst), 1);
         assert_eq!(second.heads.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_a_body_the_upstream_answered_early_is_not_handed_on() {
+        // Answers as soon as it has a request's head, and reads nothing after it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\nno";
+                    let _ = stream.write_all(answer).await;
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        let uri = format!("http://127.0.0.1:{port}/v1/files");
+        // Far more than the sockets' buffers hold: the upload stalls with the answer read.
+        let upload_size = 32 << 20;
+        let mut upload = Request::new(Either::Left(Full::new(Bytes::from(vec![
+            b'x';
+            upload_size
+        ]))));
+        *upload.method_mut() = http::Method::POST;
+        *upload.uri_mut() = uri.parse().unwrap();
+        upload
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(upload_size));
+        let answer = send(Duration::from_secs(5), upload).await.unwrap();
+        assert_eq!(answer.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        answer.into_body().collect().await.unwrap();
+
+        let next = tokio::time::timeout(Duration::from_secs(5), call(&uri)).await;
+        assert_eq!(next.expect("waited on the stalled upload").unwrap(), "no");
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_closes_connections_past_use_and_forgets_their_origin() {
+        let upstream = RawUpstream::start(usize::MAX).await;
+        call(&upstream.uri("/v1/chat")).await.unwrap();
+        POOLS.with(|pools| sweep(&mut pools.borrow_mut(), Instant::now()));
+        assert_eq!(
+            upstream.ended.load(Ordering::SeqCst),
+            0,
+            "a fresh one was let go"
+        );
+
+        let later = Instant::now() + POOL_IDLE_TIMEOUT;
+        POOLS.with(|pools| sweep(&mut pools.borrow_mut(), later));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while upstream.ended.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the idle connection was not closed");
+        POOLS.with(|pools| assert!(pools.borrow().iter().all(|p| p.origins.is_empty())));
     }
 
     #[tokio::test]
