@@ -174,7 +174,8 @@ SIDECARS = {
 }
 CACHE_TARGETS = {"llmesh-cache-hit", "llmesh-cache-miss", "nginx-static"}
 # The least a hyper and tokio proxy costs (tests/testkit/src/bin/llmesh-floor-proxy.rs), with
-# hyper-util's pooled client as the sidecar uses, and with a plain stack of idle connections:
+# hyper-util's pooled client as the sidecar used, and with a plain stack of idle connections
+# as it keeps now:
 # what the sidecar's libraries take, apart from what its features add.
 FLOORS = {"hyper-floor": "legacy", "hyper-floor-direct": "direct"}
 OPT_IN = {"llmesh-translated", *CACHE_TARGETS, *FLOORS}

@@ -785,10 +785,6 @@ async fn translated_answer(
     })
 }
 
-/// An upstream that answers 404 or 405 to a JSON route, with anything but an API error
-/// about the request (a model it does not know), lacks the route itself (a chat-only server
-/// asked for `/v1/responses`): the app is told so, naming the route and the endpoint,
-/// instead of getting the server's bare "Not Found".
 /// Whether the upstream answered that it has no such route (404 or 405), which
 /// [`route_missing_upstream`] looks into.
 fn is_route_missing(answer: &dispatch::Answer) -> bool {
@@ -796,6 +792,10 @@ fn is_route_missing(answer: &dispatch::Answer) -> bool {
     status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED
 }
 
+/// An upstream that answers 404 or 405 to a JSON route, with anything but an API error
+/// about the request (a model it does not know), lacks the route itself (a chat-only server
+/// asked for `/v1/responses`): the app is told so, naming the route and the endpoint,
+/// instead of getting the server's bare "Not Found".
 async fn route_missing_upstream(
     answer: dispatch::Answer,
     method: &Method,
