@@ -53,32 +53,33 @@ impl TraceContext {
     }
 
     pub fn trace_id_hex(&self) -> String {
-        let mut out = String::with_capacity(32);
-        push_hex(&mut out, self.trace_id, 32);
-        out
+        let mut out = [0u8; 32];
+        push_hex(&mut out, &self.trace_id.to_be_bytes());
+        // Only hex digits: always UTF-8.
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     pub fn header_value(&self) -> HeaderValue {
         // Written digit by digit: `format!` with padded hex costs several times more, and
         // this runs on every request.
-        let mut value = String::with_capacity(55);
-        value.push_str("00-");
-        push_hex(&mut value, self.trace_id, 32);
-        value.push('-');
-        push_hex(&mut value, u128::from(self.span_id), 16);
-        value.push('-');
-        push_hex(&mut value, u128::from(self.flags), 2);
+        let mut value = [0u8; 55];
+        value[..3].copy_from_slice(b"00-");
+        push_hex(&mut value[3..35], &self.trace_id.to_be_bytes());
+        value[35] = b'-';
+        push_hex(&mut value[36..52], &self.span_id.to_be_bytes());
+        value[52] = b'-';
+        push_hex(&mut value[53..55], &[self.flags]);
         // Only hex digits and dashes: always a valid header value.
-        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+        HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
 
-/// The low `digits` hex digits of `value`, lowercase and zero-padded.
-fn push_hex(out: &mut String, value: u128, digits: u32) {
+/// `bytes` as lowercase hex, two digits a byte, into `out` (twice as long).
+fn push_hex(out: &mut [u8], bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..digits).rev() {
-        let nibble = value.checked_shr(i * 4).unwrap_or(0) & 0xf;
-        out.push(char::from(HEX[nibble as usize]));
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
 }
 

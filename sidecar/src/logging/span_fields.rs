@@ -22,9 +22,9 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         let mut object = ObjectWriter::default();
         fields.record(&mut object);
-        writer.write_char('{')?;
-        writer.write_str(&object.members)?;
-        writer.write_char('}')
+        object.json.push('}');
+        // One write: the span's string starts empty, and three would grow it three times.
+        writer.write_str(&object.json)
     }
 
     /// Fields recorded after the span was created join its object.
@@ -35,7 +35,7 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     ) -> fmt::Result {
         let mut object = ObjectWriter::default();
         fields.record(&mut object);
-        if object.members.is_empty() {
+        if object.members().is_empty() {
             return Ok(());
         }
         match current.fields.pop() {
@@ -46,33 +46,38 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
             }
             _ => current.fields = "{".to_string(),
         }
-        current.fields.push_str(&object.members);
+        current.fields.push_str(object.members());
         current.fields.push('}');
         Ok(())
     }
 }
 
-/// The members of a JSON object (`"a":1,"b":"x"`), as fields are visited.
+/// A JSON object being written as fields are visited: `{` and the members so far
+/// (`"a":1,"b":"x"`), without the closing brace.
 struct ObjectWriter {
-    members: String,
+    json: String,
 }
 
 impl Default for ObjectWriter {
     fn default() -> Self {
-        Self {
-            members: String::with_capacity(96),
-        }
+        let mut json = String::with_capacity(96);
+        json.push('{');
+        Self { json }
     }
 }
 
 impl ObjectWriter {
+    fn members(&self) -> &str {
+        &self.json[1..]
+    }
+
     fn member(&mut self, field: &Field, value: impl FnOnce(&mut String)) {
-        if !self.members.is_empty() {
-            self.members.push(',');
+        if self.json.len() > 1 {
+            self.json.push(',');
         }
-        push_json_string(&mut self.members, field.name());
-        self.members.push(':');
-        value(&mut self.members);
+        push_json_string(&mut self.json, field.name());
+        self.json.push(':');
+        value(&mut self.json);
     }
 }
 

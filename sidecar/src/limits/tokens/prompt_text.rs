@@ -44,6 +44,8 @@ impl Prompt {
         };
         for name in TEXT_FIELDS {
             if let Some(raw) = field(name) {
+                // The text is at most the field's JSON: one allocation, not one per doubling.
+                prompt.text.reserve(raw.get().len());
                 let mut reader = serde_json::Deserializer::from_str(raw.get());
                 let collect = Walk {
                     prompt: &mut prompt,
