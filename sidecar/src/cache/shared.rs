@@ -13,6 +13,7 @@ use redis::AsyncCommands;
 
 use super::key::CacheKey;
 use crate::config::SharedCacheConfig;
+use crate::logging::request_scope;
 use crate::redis_link::{RedisLink, RedisLinkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +114,7 @@ impl SharedLevel {
         match outcome {
             Ok(value) => {
                 if !self.available.swap(true, Ordering::Relaxed) {
-                    tracing::info!(endpoint = %self.endpoint, "the shared cache's Redis is reachable again");
+                    request_scope::span().in_scope(|| tracing::info!(endpoint = %self.endpoint, "the shared cache's Redis is reachable again"));
                 }
                 Some(value)
             }
@@ -123,7 +124,7 @@ impl SharedLevel {
                     *at = Some(Instant::now());
                 }
                 if self.available.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(endpoint = %self.endpoint, %error, "the shared cache's Redis is unreachable: its lookups are misses until it is back");
+                    request_scope::span().in_scope(|| tracing::warn!(endpoint = %self.endpoint, %error, "the shared cache's Redis is unreachable: its lookups are misses until it is back"));
                 }
                 None
             }

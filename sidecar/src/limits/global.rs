@@ -15,6 +15,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use crate::config::{RedisConfig, RedisFailurePolicy};
+use crate::logging::request_scope;
 use crate::redis_link::{RedisLink, RedisLinkError};
 
 /// A sidecar that has not leased for this long no longer counts as a peer; the count sets
@@ -239,7 +240,7 @@ impl SharedBudget {
 
     fn mark_available(&self) {
         if !self.available.swap(true, Ordering::Relaxed) {
-            tracing::info!(endpoint = %self.endpoint, "Redis is reachable again: shared limits resumed");
+            request_scope::span().in_scope(|| tracing::info!(endpoint = %self.endpoint, "Redis is reachable again: shared limits resumed"));
         }
     }
 
@@ -251,7 +252,7 @@ impl SharedBudget {
                 }
                 RedisFailurePolicy::FailClosed => "failClosed: refusing requests",
             };
-            tracing::warn!(endpoint = %self.endpoint, %error, peers = self.peers(), policy, "Redis is unreachable");
+            request_scope::span().in_scope(|| tracing::warn!(endpoint = %self.endpoint, %error, peers = self.peers(), policy, "Redis is unreachable"));
         }
     }
 }

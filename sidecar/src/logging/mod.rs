@@ -2,6 +2,7 @@
 //! line goes through [`sink`], which writes to stderr off the request's thread.
 
 mod json_line;
+pub mod request_scope;
 mod sink;
 mod span_fields;
 

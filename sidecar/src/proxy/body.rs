@@ -22,6 +22,7 @@ use crate::dialect::Dialect;
 use crate::drain;
 use crate::error::ProxyError;
 use crate::limits::Permit;
+use crate::logging::request_scope;
 use crate::metrics::TokenCount;
 use crate::provider::mock::MockStream;
 use crate::redact::BodyRedactor;
@@ -50,11 +51,6 @@ pub struct ResponseBody {
     kind: BodyKind,
     log: RequestLog,
     accounting: Option<Accounting>,
-    /// The request's span, entered while the admission is settled so that what is logged
-    /// there carries the request and trace ids. The request line itself is written outside
-    /// it: it has both ids as fields, and formatting the span into it again cost more than
-    /// the rest of the line.
-    span: tracing::Span,
     strip_usage: Option<UsageChunkStripper>,
 }
 
@@ -73,19 +69,13 @@ pub struct Accounting {
 }
 
 impl ResponseBody {
-    pub fn new(
-        kind: BodyKind,
-        mut log: RequestLog,
-        mut accounting: Option<Accounting>,
-        span: tracing::Span,
-    ) -> Self {
+    pub fn new(kind: BodyKind, mut log: RequestLog, mut accounting: Option<Accounting>) -> Self {
         log.streamed = accounting.as_ref().is_some_and(|a| a.tap.is_sse());
         let strip_usage = accounting.as_mut().and_then(|a| a.strip_usage.take());
         Self {
             kind,
             log,
             accounting,
-            span,
             strip_usage,
         }
     }
@@ -94,7 +84,6 @@ impl ResponseBody {
     fn finish(&mut self, outcome: Outcome) {
         let log = &mut self.log;
         if let Some(accounting) = self.accounting.take() {
-            let _entered = self.span.enter();
             // A translation's usage is the one the upstream reported (or did not): the app's
             // dialect may need usage fields the translation can only fill with zeros.
             let upstream_tap = match &self.kind {
@@ -127,15 +116,22 @@ impl ResponseBody {
                 }),
                 (None, _) => None,
             };
-            if let Some(permit) = accounting.permit {
-                permit.settle_from_response(usage.map(|u| u.total()), chunks, accounting.success);
-            }
-            if let Some(recording) = accounting.recording {
-                let streamed_to_its_end = !accounting.tap.is_sse() || accounting.tap.stream_ended();
-                recording.finish(
-                    accounting.success && outcome == Outcome::Completed && streamed_to_its_end,
-                );
-            }
+            let streamed_to_its_end = !accounting.tap.is_sse() || accounting.tap.stream_ended();
+            // What settling logs (shared limits' Redis going away) names the request.
+            request_scope::within(Arc::clone(&log.ids), || {
+                if let Some(permit) = accounting.permit {
+                    permit.settle_from_response(
+                        usage.map(|u| u.total()),
+                        chunks,
+                        accounting.success,
+                    );
+                }
+                if let Some(recording) = accounting.recording {
+                    recording.finish(
+                        accounting.success && outcome == Outcome::Completed && streamed_to_its_end,
+                    );
+                }
+            });
         }
         log.finish(outcome);
     }

@@ -21,6 +21,7 @@ use crate::dialect::{self, Plan};
 use crate::error::ProxyError;
 use crate::limits::tokens::{self, Prompt};
 use crate::limits::{LimitError, Permit, Reservation};
+use crate::logging::request_scope;
 use crate::provider;
 use crate::resilience::breaker::Admission;
 use crate::resilience::retry::{self, RetryReason};
@@ -198,12 +199,14 @@ pub async fn run(mut call: Call<'_>) -> Result<Outcome, Failure> {
             } else {
                 resilience.breaker.record(true);
             }
-            tracing::debug!(
-                endpoint = endpoint.name(),
-                attempt = attempts,
-                reason = reason.as_str(),
-                "attempt failed"
-            );
+            request_scope::span().in_scope(|| {
+                tracing::debug!(
+                    endpoint = endpoint.name(),
+                    attempt = attempts,
+                    reason = reason.as_str(),
+                    "attempt failed"
+                )
+            });
             let wait =
                 wait_hint.unwrap_or_else(|| retry::backoff(&resilience.retry, retry_number + 1));
             let retried = replayable
@@ -321,10 +324,12 @@ pub fn not_served(endpoint: &Endpoint, method: &http::Method, api_path: &str) ->
 fn withdraw_retry(endpoint: &Endpoint) -> bool {
     let allowed = endpoint.resilience.budget.try_withdraw();
     if !allowed {
-        tracing::debug!(
-            endpoint = endpoint.name(),
-            "retry budget spent; not retrying"
-        );
+        request_scope::span().in_scope(|| {
+            tracing::debug!(
+                endpoint = endpoint.name(),
+                "retry budget spent; not retrying"
+            )
+        });
     }
     allowed
 }

@@ -9,6 +9,7 @@ use opentelemetry::{Array, KeyValue, StringValue, Value};
 use tokio::time::Instant;
 
 use crate::cache::CacheOutcome;
+use crate::logging::request_scope::RequestIds;
 use crate::logging::JsonLine;
 use crate::metrics::{self, CallLabels, FinishedRequest, Metrics, TokenCount};
 use crate::otlp::{RequestSpan, SpanSink};
@@ -42,13 +43,12 @@ impl Outcome {
 const CLIENT_CLOSED: &str = "499";
 
 pub struct RequestLog {
-    pub request_id: String,
+    /// The request and trace ids, shared with lines logged while the request is served.
+    pub ids: Arc<RequestIds>,
     /// The id sent upstream instead, when the app's is not a UUID (servers such as
     /// llama.cpp's refuse any other).
     pub upstream_request_id: Option<String>,
     pub trace: TraceContext,
-    /// The trace id as the log and the span show it.
-    pub trace_id: String,
     pub method: Method,
     pub path: String,
     pub operation: &'static str,
@@ -104,9 +104,11 @@ impl RequestLog {
         }
         let operation = metrics::operation(path.strip_prefix("/v1").unwrap_or(""));
         Self {
-            request_id,
+            ids: Arc::new(RequestIds {
+                request_id,
+                trace_id: trace.trace_id_hex(),
+            }),
             upstream_request_id: None,
-            trace_id: trace.trace_id_hex(),
             trace,
             method,
             path,
@@ -161,11 +163,11 @@ impl RequestLog {
     /// The same fields as [`Self::log_with_tracing`]'s, absent ones left out alike.
     fn json_line(&self, outcome: Outcome, took: Duration) -> Vec<u8> {
         let mut line = JsonLine::new("INFO", "request");
-        line.str("request_id", &self.request_id);
+        line.str("request_id", &self.ids.request_id);
         if let Some(id) = &self.upstream_request_id {
             line.str("upstream_request_id", id);
         }
-        line.str("trace_id", &self.trace_id);
+        line.str("trace_id", &self.ids.trace_id);
         line.str("method", self.method.as_str());
         line.str("path", &self.path);
         line.str("endpoint", self.endpoint.as_ref().map_or("-", |e| e.name()));
@@ -196,9 +198,9 @@ impl RequestLog {
 
     fn log_with_tracing(&self, outcome: Outcome, took: Duration) {
         tracing::info!(
-            request_id = %self.request_id,
+            request_id = %self.ids.request_id,
             upstream_request_id = self.upstream_request_id.as_deref(),
-            trace_id = %self.trace_id,
+            trace_id = %self.ids.trace_id,
             method = %self.method,
             path = %self.path,
             endpoint = self.endpoint.as_ref().map_or("-", |e| e.name()),
@@ -293,7 +295,7 @@ impl RequestLog {
             KeyValue::new("gen_ai.operation.name", self.operation),
             KeyValue::new("http.request.method", self.method.to_string()),
             KeyValue::new("url.path", self.path.clone()),
-            KeyValue::new("llmesh.request_id", self.request_id.clone()),
+            KeyValue::new("llmesh.request_id", self.ids.request_id.clone()),
             KeyValue::new("llmesh.attempts", i64::from(self.attempts)),
         ];
         if self.status != 0 {

@@ -24,7 +24,6 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 pub use body::ResponseBody;
 use body::{Accounting, BodyKind, TranslatedBody, UpstreamBody};
@@ -39,6 +38,7 @@ use crate::cache::{self, key::CacheKey, CacheOutcome, EndpointCache, Recording, 
 use crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES;
 use crate::dialect::{self, Dialect, Plan, Translation};
 use crate::error::{ProxyError, JSON};
+use crate::logging::request_scope;
 use crate::metrics::Metrics;
 use crate::provider::mock::{self, MockResponse};
 use crate::redact::BodyRedactor;
@@ -92,11 +92,6 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
             spans: state.spans.clone(),
         },
     );
-    let span = tracing::info_span!(
-        "request",
-        request_id = log.request_id.as_str(),
-        trace_id = log.trace_id.as_str()
-    );
     if let Some(id) = &upstream_replacement {
         log.upstream_request_id = id.to_str().ok().map(str::to_string);
     }
@@ -106,16 +101,15 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
         traceparent: trace.header_value(),
         metrics: state.metrics.as_deref(),
     };
-    let served = match route(&snapshot, request, &ids, &mut log)
-        .instrument(span.clone())
-        .await
-    {
-        Ok(served) => served,
-        Err(failure) => {
-            log.error_code = Some(failure.error.code());
-            failure.into_served(error_dialect)
-        }
-    };
+    let request_ids = Arc::clone(&log.ids);
+    let served =
+        match request_scope::serve(request_ids, route(&snapshot, request, &ids, &mut log)).await {
+            Ok(served) => served,
+            Err(failure) => {
+                log.error_code = Some(failure.error.code());
+                failure.into_served(error_dialect)
+            }
+        };
     let Served {
         mut response,
         endpoint,
@@ -138,7 +132,7 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     log.attempts = attempts;
     log.status = response.status().as_u16();
     log.headers_sent_after = Some(log.started.elapsed());
-    response.map(|kind| ResponseBody::new(kind, log, accounting, span))
+    response.map(|kind| ResponseBody::new(kind, log, accounting))
 }
 
 /// What every upstream call of one app request carries.

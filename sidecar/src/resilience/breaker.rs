@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::retry::RetryReason;
 use crate::config::CircuitBreakerConfig;
+use crate::logging::request_scope;
 use crate::wait;
 
 pub struct CircuitBreaker {
@@ -94,7 +95,7 @@ impl CircuitBreaker {
                 }
             }
             State::Open { .. } | State::HalfOpen { .. } => {
-                tracing::info!(endpoint = %self.endpoint, "circuit half-open: sending one probe request");
+                request_scope::span().in_scope(|| tracing::info!(endpoint = %self.endpoint, "circuit half-open: sending one probe request"));
                 *state = State::HalfOpen { probe_started: now };
                 Admission::Allowed
             }
@@ -116,18 +117,20 @@ impl CircuitBreaker {
         *state = match (*state, healthy) {
             (State::Closed { .. }, true) => State::Closed { failures: 0 },
             (State::Closed { failures }, false) if failures + 1 >= threshold => {
-                tracing::warn!(endpoint = %self.endpoint, failures = failures + 1, cooldown = %self.config.cooldown, "circuit opened: endpoint ejected");
+                request_scope::span().in_scope(|| tracing::warn!(endpoint = %self.endpoint, failures = failures + 1, cooldown = %self.config.cooldown, "circuit opened: endpoint ejected"));
                 open
             }
             (State::Closed { failures }, false) => State::Closed {
                 failures: failures + 1,
             },
             (State::HalfOpen { .. }, true) => {
-                tracing::info!(endpoint = %self.endpoint, "circuit closed: probe succeeded");
+                request_scope::span().in_scope(
+                    || tracing::info!(endpoint = %self.endpoint, "circuit closed: probe succeeded"),
+                );
                 State::Closed { failures: 0 }
             }
             (State::HalfOpen { .. }, false) => {
-                tracing::warn!(endpoint = %self.endpoint, cooldown = %self.config.cooldown, "circuit reopened: probe failed");
+                request_scope::span().in_scope(|| tracing::warn!(endpoint = %self.endpoint, cooldown = %self.config.cooldown, "circuit reopened: probe failed"));
                 open
             }
             // An attempt admitted before the circuit opened reports late; it changes nothing.
