@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
 use crate::cache::EndpointCache;
@@ -27,6 +27,9 @@ pub struct Snapshot {
 
 pub struct Endpoint {
     pub config: EndpointConfig,
+    /// The name as the `x-llmesh-endpoint` response header, made once rather than per
+    /// response; `None` for a name that is not a valid header value.
+    pub name_header: Option<HeaderValue>,
     pub backend: Backend,
     pub resilience: Arc<Resilience>,
     /// `config.fallbacks` that exist in this snapshot, in order.
@@ -135,6 +138,7 @@ impl Snapshot {
                 EndpointCache::carried_over(previous, &config.name, settings)
             });
             endpoints.push(Arc::new(Endpoint {
+                name_header: HeaderValue::from_str(&config.name).ok(),
                 config: config.clone(),
                 backend,
                 resilience,

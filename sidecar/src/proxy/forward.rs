@@ -179,9 +179,30 @@ fn upstream_request_headers(app: &HeaderMap, also_dropped: &[HeaderName]) -> Hea
 }
 
 fn strip_response_headers(headers: &mut HeaderMap) {
+    // Most answers carry none of them: one look at each name costs less than seven lookups.
+    if !headers
+        .keys()
+        .any(|name| is_dropped_response_header(name.as_str()))
+    {
+        return;
+    }
     for name in &DROPPED_RESPONSE_HEADERS {
         headers.remove(name);
     }
+}
+
+/// Whether `name` is one of [`DROPPED_RESPONSE_HEADERS`], matched as a string.
+fn is_dropped_response_header(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "keep-alive"
+    )
 }
 
 fn classify_send_error(endpoint: &Endpoint, error: &SendError) -> ProxyError {
@@ -240,6 +261,31 @@ pub fn root_cause(error: &(dyn StdError + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_response_headers_matched_as_strings_are_the_dropped_ones() {
+        for name in &DROPPED_RESPONSE_HEADERS {
+            assert!(is_dropped_response_header(name.as_str()), "{name}");
+        }
+        for kept in [
+            "content-type",
+            "x-request-id",
+            "openai-processing-ms",
+            "retry-after",
+        ] {
+            assert!(!is_dropped_response_header(kept), "{kept}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_response_headers(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
 
     #[test]
     fn drops_keys_hop_by_hop_and_llmesh_headers() {

@@ -118,13 +118,11 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     } = served;
     let headers = response.headers_mut();
     headers.insert(REQUEST_ID.clone(), request_id);
-    if let Some(endpoint) = endpoint {
-        if let Ok(value) = HeaderValue::from_str(endpoint.name()) {
-            headers.insert(LLMESH_ENDPOINT.clone(), value);
-        }
+    if let Some(value) = endpoint.and_then(|e| e.name_header.clone()) {
+        headers.insert(LLMESH_ENDPOINT.clone(), value);
     }
     if attempts > 0 {
-        headers.insert(LLMESH_ATTEMPTS.clone(), HeaderValue::from(attempts));
+        headers.insert(LLMESH_ATTEMPTS.clone(), attempts_header(attempts));
     }
     if let Some(value) = log.cache.header_value() {
         headers.insert(cache::LLMESH_CACHE.clone(), value);
@@ -133,6 +131,25 @@ pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Resp
     log.status = response.status().as_u16();
     log.headers_sent_after = Some(log.started.elapsed());
     response.map(|kind| ResponseBody::new(kind, log, accounting))
+}
+
+/// `x-llmesh-attempts`: the common counts are static values, as a number formatted into a
+/// header value costs an allocation on every response.
+fn attempts_header(attempts: u32) -> HeaderValue {
+    static FEW: [HeaderValue; 5] = [
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+        HeaderValue::from_static("5"),
+    ];
+    let index = usize::try_from(attempts)
+        .ok()
+        .and_then(|n| n.checked_sub(1));
+    match index.and_then(|i| FEW.get(i)) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(attempts),
+    }
 }
 
 /// What every upstream call of one app request carries.
@@ -1000,4 +1017,19 @@ fn error_response(error: &ProxyError, dialect: Dialect) -> Response<BodyKind> {
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_header_counts_past_its_static_values() {
+        for attempts in [1, 2, 5, 6, 17, u32::MAX] {
+            assert_eq!(
+                attempts_header(attempts).to_str().unwrap(),
+                attempts.to_string()
+            );
+        }
+    }
 }
