@@ -20,29 +20,32 @@ use crate::wait;
 /// own credential never reaches a provider. An endpoint's `dropRequestHeaders` adds to these.
 /// Matched as strings: comparing `HeaderName`s one by one cost ten times more per header.
 fn is_always_dropped(name: &str) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            "proxy-authorization"
+                | "host"
+                | "content-length"
+                | "authorization"
+                // Providers' compressed answers would hide `usage` from the sidecar; on
+                // loopback to the app compression only costs CPU.
+                | "accept-encoding"
+                | "proxy-connection"
+                | "api-key"
+                | "x-api-key"
+                | "cookie"
+                // Google (Gemini), Azure API Management, and OpenStack-style gateways.
+                | "x-goog-api-key"
+                | "ocp-apim-subscription-key"
+                | "x-auth-token"
+        )
+}
+
+/// The headers RFC 9110 §7.6.1 names as describing one connection, in either direction.
+fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "host"
-            | "content-length"
-            | "authorization"
-            // Providers' compressed answers would hide `usage` from the sidecar; on loopback
-            // to the app compression only costs CPU.
-            | "accept-encoding"
-            | "keep-alive"
-            | "proxy-connection"
-            | "api-key"
-            | "x-api-key"
-            | "cookie"
-            // Google (Gemini), Azure API Management, and OpenStack-style gateways.
-            | "x-goog-api-key"
-            | "ocp-apim-subscription-key"
-            | "x-auth-token"
+        "connection" | "te" | "trailer" | "transfer-encoding" | "upgrade" | "keep-alive"
     )
 }
 
@@ -193,16 +196,7 @@ fn strip_response_headers(headers: &mut HeaderMap) {
 
 /// Whether `name` is one of [`DROPPED_RESPONSE_HEADERS`], matched as a string.
 fn is_dropped_response_header(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "keep-alive"
-    )
+    is_hop_by_hop(name) || name == "proxy-authenticate"
 }
 
 fn classify_send_error(endpoint: &Endpoint, error: &SendError) -> ProxyError {
@@ -302,6 +296,11 @@ mod tests {
             ("connection", "keep-alive, x-private"),
             ("x-private", "1"),
             ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
             ("x-llmesh-endpoint", "chat"),
             ("accept-encoding", "gzip"),
             ("host", "127.0.0.1:4000"),
