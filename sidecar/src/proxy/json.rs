@@ -40,7 +40,11 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 
 impl<'a> RequestJson<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ProxyError> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+        // Checked as UTF-8 once, whole: read from bytes, serde_json would check each key and
+        // each raw value again.
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ProxyError::MalformedJson(format!("the body is not UTF-8: {e}")))?;
+        let mut de = serde_json::Deserializer::from_str(text);
         match de
             .deserialize_map(FieldsVisitor)
             .and_then(|fields| de.end().map(|()| fields))
@@ -231,6 +235,10 @@ mod tests {
         assert!(matches!(
             RequestJson::parse(b"{} trailing"),
             Err(ProxyError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            RequestJson::parse(b"{\"model\":\"\xff\"}"),
+            Err(ProxyError::MalformedJson(m)) if m.contains("not UTF-8")
         ));
         assert!(matches!(
             RequestJson::parse(b"[1,2]"),
