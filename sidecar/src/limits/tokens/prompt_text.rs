@@ -5,19 +5,16 @@
 //! time (a tree kept the last one and walked its keys sorted): the count of a prompt can
 //! differ from one read that way by a token or two, which the response's usage settles.
 //!
-//! Read in one pass over the bytes, with no JSON tree: the top level is split into raw
-//! fields, and the prompt's fields are walked by visitors that append strings straight to
-//! the prompt's text. Building a `serde_json::Value` of the body instead (a map and a
+//! Read with no JSON tree: the top level is split into raw fields, and the prompt's fields
+//! are walked by a reader that appends strings straight to the prompt's text. Building a `serde_json::Value` of the body instead (a map and a
 //! string for every field of every message) cost more than all the rest of admitting a
 //! request.
 
-use std::fmt;
+use std::borrow::Cow;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{Prompt, IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS};
-use crate::proxy::json::Key;
 #[cfg(test)]
 use crate::proxy::json::RequestJson;
 
@@ -46,20 +43,21 @@ impl Prompt {
             if let Some(raw) = field(name) {
                 // The text is at most the field's JSON: one allocation, not one per doubling.
                 prompt.text.reserve(raw.get().len());
-                let mut reader = serde_json::Deserializer::from_str(raw.get());
-                let collect = Walk {
+                let mode = if name == "messages" {
+                    Mode::Messages
+                } else {
+                    Mode::Text
+                };
+                let mut reader = Reader {
+                    json: raw.get(),
+                    pos: 0,
                     prompt: &mut prompt,
-                    mode: if name == "messages" {
-                        Mode::Messages
-                    } else {
-                        Mode::Text
-                    },
                 };
                 // The proxy's split checks a field's syntax but not all of its content: a lone
                 // surrogate escape or nesting deeper than serde_json's limit stops the walk
                 // here. What follows must still be reserved, so the whole field is estimated on
                 // top of what was read: more than its share, never less.
-                if collect.deserialize(&mut reader).is_err() {
+                if reader.value(mode, 0).is_err() {
                     prompt.fixed_tokens = prompt
                         .fixed_tokens
                         .saturating_add(super::estimate_bytes(raw.get().len()));
@@ -115,7 +113,7 @@ fn compact_json_len(json: &str) -> usize {
     len
 }
 
-/// How [`Walk`] reads a value.
+/// How [`Reader::value`] reads a value.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     /// Prompt text: each string a piece of its own; each number a token (pre-tokenized
@@ -128,89 +126,184 @@ enum Mode {
     AllStrings,
 }
 
-/// Appends a value's prompt text to `prompt`, as `mode` says.
-struct Walk<'p> {
+/// Nesting deeper than this stops the walk (serde_json's own limit, which the split applies),
+/// so that a hostile body cannot exhaust the stack.
+const MAX_DEPTH: usize = 128;
+
+/// JSON the walk cannot read: a lone surrogate escape, nesting past [`MAX_DEPTH`], or (not
+/// expected after the split's check) bad syntax.
+struct Stop;
+
+/// Appends a field's prompt text to `prompt`, reading the field's JSON by hand.
+///
+/// The proxy's split has already checked the whole body's syntax, so strings are found with
+/// a SIMD search for their closing quote and taken as they are; only a string with escapes is
+/// decoded (by serde_json). Walking the field with serde_json's reader instead checked each
+/// string's bytes a second and third time, a few instructions per byte, and was the largest
+/// part of admitting a request with a token limit.
+struct Reader<'j, 'p> {
+    json: &'j str,
+    pos: usize,
     prompt: &'p mut Prompt,
-    mode: Mode,
 }
 
-impl Walk<'_> {
-    fn nested(&mut self, mode: Mode) -> Walk<'_> {
-        Walk {
-            prompt: &mut *self.prompt,
-            mode,
+impl<'j> Reader<'j, '_> {
+    fn peek(&self) -> Option<u8> {
+        self.json.as_bytes().get(self.pos).copied()
+    }
+
+    fn skip_whitespace(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.pos += 1;
         }
     }
 
-    fn number<E>(self) -> Result<(), E> {
-        if self.mode != Mode::AllStrings {
-            self.prompt.fixed_tokens += 1;
+    /// Skips white space and then `byte`, which must come next.
+    fn expect(&mut self, byte: u8) -> Result<(), Stop> {
+        self.skip_whitespace();
+        if self.peek() != Some(byte) {
+            return Err(Stop);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// After an element or member: true if another follows, false at `close`.
+    fn more(&mut self, close: u8) -> Result<bool, Stop> {
+        self.skip_whitespace();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(true)
+            }
+            Some(byte) if byte == close => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => Err(Stop),
+        }
+    }
+
+    /// Whether the container just opened is empty (and then steps over its `close`).
+    fn empty(&mut self, close: u8) -> bool {
+        self.skip_whitespace();
+        let empty = self.peek() == Some(close);
+        if empty {
+            self.pos += 1;
+        }
+        empty
+    }
+
+    /// The string at the cursor (white space skipped), decoded only if it has escapes.
+    fn string(&mut self) -> Result<Cow<'j, str>, Stop> {
+        self.expect(b'"')?;
+        let start = self.pos;
+        let mut escaped = false;
+        loop {
+            let rest = self.json.as_bytes().get(self.pos..).ok_or(Stop)?;
+            let found = memchr::memchr2(b'"', b'\\', rest).ok_or(Stop)?;
+            self.pos += found;
+            if self.peek() == Some(b'"') {
+                break;
+            }
+            // A backslash and the character it escapes (a `\u` escape's hex digits hold no
+            // quote or backslash).
+            escaped = true;
+            self.pos += 2;
+        }
+        let end = self.pos;
+        self.pos += 1;
+        if !escaped {
+            return self.json.get(start..end).map(Cow::Borrowed).ok_or(Stop);
+        }
+        let quoted = self.json.get(start.saturating_sub(1)..=end).ok_or(Stop)?;
+        serde_json::from_str(quoted).map_err(|_| Stop)
+    }
+
+    /// Steps over a number or a literal (`true`, `false`, `null`).
+    fn scalar(&mut self) {
+        while matches!(
+            self.peek(),
+            Some(b'0'..=b'9' | b'a'..=b'z' | b'E' | b'+' | b'-' | b'.')
+        ) {
+            self.pos += 1;
+        }
+    }
+
+    /// Reads the value at the cursor for its prompt text, as `mode` says.
+    fn value(&mut self, mode: Mode, depth: usize) -> Result<(), Stop> {
+        self.skip_whitespace();
+        match self.peek() {
+            Some(b'"') => {
+                let text = self.string()?;
+                match mode {
+                    Mode::AllStrings => self.prompt.text.push_str(&text),
+                    Mode::Text | Mode::Messages => self.prompt.push_piece(&text),
+                }
+            }
+            Some(b'[') => self.array(mode, depth + 1)?,
+            Some(b'{') if mode == Mode::AllStrings => self.all_strings_object(depth + 1)?,
+            Some(b'{') => self.text_object(depth + 1)?,
+            Some(b'-' | b'0'..=b'9') => {
+                self.scalar();
+                if mode != Mode::AllStrings {
+                    self.prompt.fixed_tokens += 1;
+                }
+            }
+            Some(b't' | b'f' | b'n') => self.scalar(),
+            _ => return Err(Stop),
         }
         Ok(())
     }
-}
 
-impl<'de> DeserializeSeed<'de> for Walk<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("prompt text")
-    }
-
-    fn visit_str<E>(self, text: &str) -> Result<(), E> {
-        match self.mode {
-            Mode::AllStrings => self.prompt.text.push_str(text),
-            Mode::Text | Mode::Messages => self.prompt.push_piece(text),
+    fn array(&mut self, mode: Mode, depth: usize) -> Result<(), Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop);
         }
-        Ok(())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        self.number()
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        self.number()
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        self.number()
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(mut self, mut items: A) -> Result<(), A::Error> {
-        let item_mode = match self.mode {
+        self.pos += 1;
+        if self.empty(b']') {
+            return Ok(());
+        }
+        let item_mode = match mode {
             Mode::Messages => Mode::Text,
             mode => mode,
         };
-        while items.next_element_seed(self.nested(item_mode))?.is_some() {
-            if self.mode == Mode::Messages {
+        loop {
+            self.value(item_mode, depth)?;
+            if mode == Mode::Messages {
                 self.prompt.fixed_tokens += MESSAGE_OVERHEAD_TOKENS;
             }
+            if !self.more(b']')? {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(mut self, mut members: A) -> Result<(), A::Error> {
-        if self.mode == Mode::AllStrings {
-            while members.next_key::<IgnoredAny>()?.is_some() {
-                members.next_value_seed(self.nested(Mode::AllStrings))?;
+    fn all_strings_object(&mut self, depth: usize) -> Result<(), Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop);
+        }
+        self.pos += 1;
+        if self.empty(b'}') {
+            return Ok(());
+        }
+        loop {
+            self.string()?;
+            self.expect(b':')?;
+            self.value(Mode::AllStrings, depth)?;
+            if !self.more(b'}')? {
+                return Ok(());
             }
+        }
+    }
+
+    /// A message or content part: its text members only, or an image's fixed cost.
+    fn text_object(&mut self, depth: usize) -> Result<(), Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop);
+        }
+        self.pos += 1;
+        if self.empty(b'}') {
             return Ok(());
         }
         // The part's `type` may come after its text: read on, and take the text back out
@@ -221,18 +314,26 @@ impl<'de> Visitor<'de> for Walk<'_> {
             self.prompt.fixed_tokens,
         );
         let mut image = false;
-        while let Some(Key(key)) = members.next_key::<Key<'de>>()? {
+        loop {
+            let key = self.string()?;
+            self.expect(b':')?;
+            self.skip_whitespace();
             if key == "type" {
-                // Raw, so that a `type` that is not a string is skipped like any other value.
-                let kind = members.next_value::<&'de RawValue>()?;
-                image |= serde_json::from_str::<Key<'_>>(kind.get())
-                    .is_ok_and(|Key(kind)| kind.contains("image"));
+                // A `type` that is not a string is skipped like any other value.
+                if self.peek() == Some(b'"') {
+                    image |= self.string()?.contains("image");
+                } else {
+                    self.skip(depth)?;
+                }
             } else if TEXT_MEMBERS.contains(&key.as_ref()) {
-                members.next_value_seed(self.nested(Mode::Text))?;
+                self.value(Mode::Text, depth)?;
             } else if NESTED_TEXT_MEMBERS.contains(&key.as_ref()) {
-                members.next_value_seed(self.nested(Mode::AllStrings))?;
+                self.value(Mode::AllStrings, depth)?;
             } else {
-                members.next_value::<IgnoredAny>()?;
+                self.skip(depth)?;
+            }
+            if !self.more(b'}')? {
+                break;
             }
         }
         if image {
@@ -241,6 +342,38 @@ impl<'de> Visitor<'de> for Walk<'_> {
             self.prompt.fixed_tokens = fixed + IMAGE_TOKENS;
         }
         Ok(())
+    }
+
+    /// Steps over the value at the cursor, reading nothing from it.
+    fn skip(&mut self, depth: usize) -> Result<(), Stop> {
+        self.skip_whitespace();
+        let close = match self.peek() {
+            Some(b'"') => return self.string().map(drop),
+            Some(b'[') => b']',
+            Some(b'{') => b'}',
+            Some(_) => {
+                self.scalar();
+                return Ok(());
+            }
+            None => return Err(Stop),
+        };
+        if depth + 1 > MAX_DEPTH {
+            return Err(Stop);
+        }
+        self.pos += 1;
+        if self.empty(close) {
+            return Ok(());
+        }
+        loop {
+            if close == b'}' {
+                self.string()?;
+                self.expect(b':')?;
+            }
+            self.skip(depth + 1)?;
+            if !self.more(close)? {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -361,3 +494,6 @@ mod tests {
         assert_eq!(prompt.max_output, None);
     }
 }
+
+#[cfg(test)]
+mod proptests;
