@@ -12,8 +12,11 @@ use serde_json::value::RawValue;
 use crate::error::ProxyError;
 use crate::json_string::push_json_string;
 
+mod scan;
+
 pub struct RequestJson<'a> {
-    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The top-level members: key, and the value's JSON text as sent.
+    fields: Vec<(Cow<'a, str>, &'a str)>,
 }
 
 /// A key or string, borrowed from the body unless it has escapes.
@@ -44,12 +47,17 @@ impl<'a> RequestJson<'a> {
         // each raw value again.
         let text = std::str::from_utf8(bytes)
             .map_err(|e| ProxyError::MalformedJson(format!("the body is not UTF-8: {e}")))?;
+        if let Some(fields) = scan::object_members(text) {
+            return Ok(Self { fields });
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         match de
             .deserialize_map(FieldsVisitor)
             .and_then(|fields| de.end().map(|()| fields))
         {
-            Ok(fields) => Ok(Self { fields }),
+            Ok(fields) => Ok(Self {
+                fields: fields.into_iter().map(|(k, v)| (k, v.get())).collect(),
+            }),
             Err(e) if e.classify() == serde_json::error::Category::Data => {
                 Err(ProxyError::BodyNotAnObject)
             }
@@ -57,7 +65,7 @@ impl<'a> RequestJson<'a> {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+    pub fn get(&self, name: &str) -> Option<&'a str> {
         // The last occurrence wins, as in most JSON parsers (and so at the provider).
         self.fields
             .iter()
@@ -69,10 +77,9 @@ impl<'a> RequestJson<'a> {
     /// The `model` field: None when absent or null; an error when it is not a string, which
     /// would otherwise silently select the default endpoint.
     pub fn model(&self) -> Result<Option<Cow<'a, str>>, ProxyError> {
-        let Some(raw) = self.get("model") else {
+        let Some(text) = self.get("model") else {
             return Ok(None);
         };
-        let text = raw.get();
         match text.as_bytes().first() {
             Some(b'"') => serde_json::from_str::<Cow<'a, str>>(text)
                 .map(Some)
@@ -87,17 +94,17 @@ impl<'a> RequestJson<'a> {
 
     /// `"stream": true`
     pub fn streams(&self) -> bool {
-        self.get("stream").is_some_and(|v| v.get() == "true")
+        self.get("stream").is_some_and(|v| v == "true")
     }
 
     /// A stream whose request did not ask for usage (`stream_options.include_usage`).
     pub fn streams_without_usage(&self) -> bool {
         self.streams()
             && !self.get("stream_options").is_some_and(|raw| {
-                RequestJson::parse(raw.get().as_bytes())
+                RequestJson::parse(raw.as_bytes())
                     .ok()
                     .and_then(|options| options.get("include_usage"))
-                    .is_some_and(|v| v.get() == "true")
+                    .is_some_and(|v| v == "true")
             })
     }
 
@@ -130,7 +137,7 @@ impl<'a> RequestJson<'a> {
                 write_options_with_usage(&mut out, value);
             } else {
                 field(&mut out, key);
-                out.extend_from_slice(value.get().as_bytes());
+                out.extend_from_slice(value.as_bytes());
             }
         }
         if last_model.is_none() {
@@ -148,13 +155,13 @@ impl<'a> RequestJson<'a> {
 
 /// `stream_options` with `include_usage: true`, its other options kept as sent; anything
 /// but an object (null, a wrong type) counts as empty.
-fn write_options_with_usage(out: &mut Vec<u8>, raw: &RawValue) {
+fn write_options_with_usage(out: &mut Vec<u8>, raw: &str) {
     out.push(b'{');
-    if let Ok(options) = RequestJson::parse(raw.get().as_bytes()) {
+    if let Ok(options) = RequestJson::parse(raw.as_bytes()) {
         for (key, value) in options.fields.iter().filter(|(k, _)| k != "include_usage") {
             push_json_string(out, key);
             out.push(b':');
-            out.extend_from_slice(value.get().as_bytes());
+            out.extend_from_slice(value.as_bytes());
             out.push(b',');
         }
     }

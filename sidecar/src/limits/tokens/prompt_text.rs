@@ -12,8 +12,6 @@
 
 use std::borrow::Cow;
 
-use serde_json::value::RawValue;
-
 use super::{Prompt, IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS};
 #[cfg(test)]
 use crate::proxy::json::RequestJson;
@@ -32,8 +30,8 @@ impl Prompt {
     /// Reads what counts from a chat, completions, responses or embeddings body, given its
     /// top-level fields as raw JSON (`field(name)`: the field's last occurrence), as the
     /// proxy has already split them.
-    pub fn from_fields<'a>(field: impl Fn(&str) -> Option<&'a RawValue>) -> Prompt {
-        let number = |name: &str| field(name).and_then(|v| v.get().parse::<u64>().ok());
+    pub fn from_fields<'a>(field: impl Fn(&str) -> Option<&'a str>) -> Prompt {
+        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
         let mut prompt = Prompt {
             choices: number("n").unwrap_or(1).max(1),
             max_output: MAX_OUTPUT_FIELDS.iter().find_map(|name| number(name)),
@@ -42,14 +40,14 @@ impl Prompt {
         for name in TEXT_FIELDS {
             if let Some(raw) = field(name) {
                 // The text is at most the field's JSON: one allocation, not one per doubling.
-                prompt.text.reserve(raw.get().len());
+                prompt.text.reserve(raw.len());
                 let mode = if name == "messages" {
                     Mode::Messages
                 } else {
                     Mode::Text
                 };
                 let mut reader = Reader {
-                    json: raw.get(),
+                    json: raw,
                     pos: 0,
                     prompt: &mut prompt,
                 };
@@ -60,13 +58,13 @@ impl Prompt {
                 if reader.value(mode, 0).is_err() {
                     prompt.fixed_tokens = prompt
                         .fixed_tokens
-                        .saturating_add(super::estimate_bytes(raw.get().len()));
+                        .saturating_add(super::estimate_bytes(raw.len()));
                 }
             }
         }
         for name in SCHEMA_FIELDS {
             if let Some(raw) = field(name) {
-                prompt.fixed_tokens += compact_json_len(raw.get()) as u64 / 4;
+                prompt.fixed_tokens += compact_json_len(raw) as u64 / 4;
             }
         }
         prompt
@@ -201,8 +199,7 @@ impl<'j> Reader<'j, '_> {
         let mut escaped = false;
         loop {
             let rest = self.json.as_bytes().get(self.pos..).ok_or(Stop)?;
-            let found = memchr::memchr2(b'"', b'\\', rest).ok_or(Stop)?;
-            self.pos += found;
+            self.pos += memchr::memchr2(b'"', b'\\', rest).ok_or(Stop)?;
             if self.peek() == Some(b'"') {
                 break;
             }

@@ -132,8 +132,89 @@ fn body() -> impl Strategy<Value = Body> {
         })
 }
 
+/// serde_json's split of `text` (the reader `RequestJson::parse` falls back to), as owned text.
+fn serde_split(text: &str) -> Option<Vec<(String, String)>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = de
+        .deserialize_map(FieldsVisitor)
+        .and_then(|fields| de.end().map(|()| fields))
+        .ok()?;
+    Some(
+        fields
+            .into_iter()
+            .map(|(key, value)| (key.into_owned(), value.get().to_string()))
+            .collect(),
+    )
+}
+
+/// The fast scan's split of `text`, as owned text.
+fn scan_split(text: &str) -> Option<Vec<(String, String)>> {
+    scan::object_members(text).map(|fields| {
+        fields
+            .into_iter()
+            .map(|(key, value)| (key.into_owned(), value.to_string()))
+            .collect()
+    })
+}
+
+/// Bytes that move a JSON scanner from one state to another, for damaging bodies.
+const SYNTAX_BYTES: &[u8] = b"\"\\{}[],: \t\n\x01\x1f0123456789-+.eEtrufalsn/bx";
+
 fn model_keys(json: &RequestJson<'_>) -> usize {
     json.fields.iter().filter(|(k, _)| k == "model").count()
+}
+
+/// The edges of RFC 8259 a hand-written scanner gets wrong: each answered as serde_json
+/// answers, and the valid ones by the scan itself.
+#[test]
+fn the_scan_knows_the_grammar_edges() {
+    let deep = format!("{{\"x\":{}1{}}}", "[".repeat(129), "]".repeat(129));
+    let cases: &[(&str, bool)] = &[
+        (r#"{"x":[[],{},[{}],{"a":[]}]}"#, true),
+        (" \t\r\n{ \"a\" : 1 , \"b\":[ 1 , 2 ] } \n", true),
+        (r#"{"x":-0.5e+10,"y":0,"z":-1E-2,"w":10}"#, true),
+        (r#"{"x":"\u00e9\n\/\"\\\b\f\r\t"}"#, true),
+        (r#"{"x":true,"y":false,"z":null}"#, true),
+        ("{\"x\":\"a\u{1}b\"}", false),
+        ("{\"x\":\"a\u{1f}b\"}", false),
+        ("{\"x\u{1}\":1}", false),
+        (r#"{"x":01}"#, false),
+        (r#"{"x":1.}"#, false),
+        (r#"{"x":.5}"#, false),
+        (r#"{"x":-}"#, false),
+        (r#"{"x":1e}"#, false),
+        (r#"{"x":+1}"#, false),
+        (r#"{"x":tru}"#, false),
+        (r#"{"x":nul}"#, false),
+        (r#"{"x":[1,]}"#, false),
+        (r#"{"x":1,}"#, false),
+        (r#"{"x":{"a":1,}}"#, false),
+        (r#"{"x":{"a"}}"#, false),
+        (r#"{"x":{1:2}}"#, false),
+        (r#"{"x":[1}"#, false),
+        (r#"{"x":"\x"}"#, false),
+        (r#"{"x":"\u12G4"}"#, false),
+        (r#"{"\ud800":1}"#, false),
+        (r#"{"x":1} x"#, false),
+        (r#"{"x":1}{}"#, false),
+        (r#"{"x" 1}"#, false),
+        (r#"{"x":"open}"#, false),
+        ("", false),
+        ("[]", false),
+    ];
+    for (text, valid) in cases {
+        let serde = serde_split(text);
+        assert_eq!(
+            serde.is_some(),
+            *valid,
+            "{text:?}: serde_json disagrees with the table"
+        );
+        assert_eq!(scan_split(text), serde, "{text:?}");
+    }
+    // Nesting deeper than the scan tracks is left to serde_json, which accepts it.
+    assert_eq!(scan_split(&deep), None);
+    assert!(serde_split(&deep).is_some());
+    assert!(RequestJson::parse(deep.as_bytes()).is_ok());
 }
 
 #[test]
@@ -216,6 +297,35 @@ proptest! {
     }
 
     #[test]
+    fn the_scan_splits_as_serde_json_does(body in body()) {
+        let scanned = scan_split(&body.text);
+        prop_assert!(scanned.is_some(), "{:?} left to serde_json", body.text);
+        prop_assert_eq!(scanned, serde_split(&body.text));
+    }
+
+    /// The scan accepts only what serde_json accepts, damaged in any of the ways that change
+    /// a scanner's state; and it gives up on nothing serde_json accepts (but deep nesting).
+    #[test]
+    fn the_scan_refuses_what_serde_json_refuses(
+        body in body(),
+        edits in vec((any::<prop::sample::Index>(), prop::sample::select(SYNTAX_BYTES), 0u8..3), 1..4),
+    ) {
+        let mut bytes = body.text.into_bytes();
+        for (at, byte, how) in edits {
+            let at = at.index(bytes.len() + 1);
+            match how {
+                0 if at < bytes.len() => bytes[at] = byte,
+                1 if at < bytes.len() => { bytes.remove(at); }
+                _ => bytes.insert(at, byte),
+            }
+        }
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return Ok(());
+        };
+        prop_assert_eq!(scan_split(text), serde_split(text), "{:?}", text);
+    }
+
+    #[test]
     fn rewrite_changes_model_and_nothing_else(
         body in body(),
         model in any::<String>(),
@@ -237,28 +347,28 @@ proptest! {
         for ((key, value), (out_key, out_value)) in others_in.iter().zip(&others_out) {
             prop_assert_eq!(key, out_key);
             if ask_usage && key == "stream_options" {
-                let options = RequestJson::parse(out_value.get().as_bytes());
+                let options = RequestJson::parse(out_value.as_bytes());
                 prop_assert!(options.is_ok());
                 let options = options.unwrap();
-                prop_assert_eq!(options.get("include_usage").map(|v| v.get()), Some("true"));
+                prop_assert_eq!(options.get("include_usage"), Some("true"));
                 // The other options, byte for byte.
                 if let Ok(sent) = RequestJson::parse(value.as_bytes()) {
                     for (k, v) in sent.fields.iter().filter(|(k, _)| k != "include_usage") {
                         prop_assert!(
-                            options.fields.iter().any(|(ok, ov)| ok == k && ov.get() == v.get()),
+                            options.fields.iter().any(|(ok, ov)| ok == k && ov == v),
                             "{} lost from {}", k, value
                         );
                     }
                 }
             } else {
                 // Byte for byte: numbers beyond f64, escapes and spacing inside values survive.
-                prop_assert_eq!(value.trim_matches(|c| " \t\r\n".contains(c)), out_value.get());
+                prop_assert_eq!(value.trim_matches(|c| " \t\r\n".contains(c)), *out_value);
             }
         }
         if added_options == 1 {
             let (key, value) = &rewritten.fields[rewritten.fields.len() - 1];
             prop_assert_eq!(key, "stream_options");
-            prop_assert_eq!(value.get(), r#"{"include_usage":true}"#);
+            prop_assert_eq!(*value, r#"{"include_usage":true}"#);
         }
         prop_assert_eq!(model_keys(&rewritten), 1);
         prop_assert_eq!(
