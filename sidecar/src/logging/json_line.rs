@@ -4,7 +4,8 @@
 //! `Display` round trip and no per-field allocation, it costs a fraction of a `tracing`
 //! event.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::cell::Cell;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::json_string::push_json_string;
 
@@ -50,6 +51,41 @@ impl JsonLine {
         let _ = serde_json::to_writer(&mut self.buf, &value);
     }
 
+    /// A duration in milliseconds with two decimals, as [`Self::f64`] writes the number
+    /// (`0.07`, `12.5`, `3.0`), from whole hundredths: formatting a float costs ten times more.
+    pub fn millis(&mut self, key: &'static str, duration: Duration) {
+        let hundredths = duration.as_nanos().saturating_add(5_000) / 10_000;
+        let Ok(hundredths) = u64::try_from(hundredths) else {
+            return self.f64(key, duration.as_secs_f64() * 1000.0);
+        };
+        // Below 10^12 hundredths (115 days) a float is fine enough that its shortest form is
+        // the two-decimal one; beyond, the float's own form.
+        if hundredths >= 1_000_000_000_000 {
+            return self.f64(key, hundredths as f64 / 100.0);
+        }
+        self.key(key);
+        write_padded(&mut self.buf, hundredths / 100, 1);
+        self.buf.push(b'.');
+        let fraction = hundredths % 100;
+        if fraction % 10 == 0 {
+            self.buf.push(b'0' + (fraction / 10) as u8);
+        } else {
+            write_padded(&mut self.buf, fraction, 2);
+        }
+    }
+
+    /// A string this crate made, known to need no escape (hex ids, methods, its own names).
+    pub fn plain(&mut self, key: &'static str, value: &str) {
+        debug_assert!(
+            !value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'),
+            "{value:?} needs escaping"
+        );
+        self.key(key);
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(value.as_bytes());
+        self.buf.push(b'"');
+    }
+
     pub fn bool(&mut self, key: &'static str, value: bool) {
         self.key(key);
         self.buf
@@ -58,16 +94,40 @@ impl JsonLine {
 
     /// The finished line, newline included.
     pub fn finish(mut self, target: &'static str) -> Vec<u8> {
-        self.str("target", target);
+        self.plain("target", target);
         self.buf.extend_from_slice(b"}\n");
         self.buf
     }
+}
+
+/// The length of `2026-11-30T17:36:06.`, the part of a timestamp that changes once a second.
+const SECOND_PREFIX_LEN: usize = 20;
+
+thread_local! {
+    /// The second last written by this thread, and its timestamp up to the microseconds:
+    /// lines come many a second, and the date's arithmetic is most of a timestamp's cost.
+    static LAST_SECOND: Cell<(u64, [u8; SECOND_PREFIX_LEN])> = const { Cell::new((u64::MAX, [0; SECOND_PREFIX_LEN])) };
 }
 
 /// `2026-11-30T17:36:06.117764Z`: UTC with microseconds, as `tracing_subscriber` writes it.
 fn write_rfc3339_micros(out: &mut Vec<u8>, now: SystemTime) {
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since_epoch.as_secs();
+    let (cached_secs, cached_prefix) = LAST_SECOND.get();
+    let prefix = if cached_secs == secs {
+        cached_prefix
+    } else {
+        let prefix = second_prefix(secs);
+        LAST_SECOND.set((secs, prefix));
+        prefix
+    };
+    out.extend_from_slice(&prefix);
+    write_padded(out, u64::from(since_epoch.subsec_micros()), 6);
+    out.push(b'Z');
+}
+
+/// `2026-11-30T17:36:06.` for `secs` since the epoch.
+fn second_prefix(secs: u64) -> [u8; SECOND_PREFIX_LEN] {
     let (year, month, day) = civil_from_days(secs / 86_400);
     let of_day = secs % 86_400;
     let fields = [
@@ -76,14 +136,21 @@ fn write_rfc3339_micros(out: &mut Vec<u8>, now: SystemTime) {
         (of_day / 3600, 2, b':'),
         (of_day % 3600 / 60, 2, b':'),
         (of_day % 60, 2, b'.'),
-        (u64::from(since_epoch.subsec_micros()), 6, b'Z'),
     ];
-    write_padded(out, year, 4);
-    out.push(b'-');
+    let mut text = Vec::with_capacity(SECOND_PREFIX_LEN);
+    // Four digits until the year 10000, when the prefix would no longer fit: cut, not wrong
+    // in length, so that no line ever fails to be written.
+    write_padded(&mut text, year.min(9999), 4);
+    text.push(b'-');
     for (value, width, after) in fields {
-        write_padded(out, value, width);
-        out.push(after);
+        write_padded(&mut text, value, width);
+        text.push(after);
     }
+    let mut prefix = [b'0'; SECOND_PREFIX_LEN];
+    for (to, from) in prefix.iter_mut().zip(text) {
+        *to = from;
+    }
+    prefix
 }
 
 fn write_padded(out: &mut Vec<u8>, value: u64, width: usize) {
@@ -195,6 +262,42 @@ mod tests {
             (v, time.as_str().unwrap().len())
         };
         assert_eq!(without_time(&ours), without_time(&from_tracing));
+    }
+
+    #[test]
+    fn millis_read_as_the_float_of_their_hundredths() {
+        let float_text =
+            |hundredths: u64| serde_json::to_string(&(hundredths as f64 / 100.0)).unwrap();
+        let samples = (0..100_000)
+            .chain((0..40).map(|shift| (1u64 << shift) + 7))
+            .chain([999_999_999_999, 1_000_000_000_000, 123_456_789_012_345]);
+        for hundredths in samples {
+            let mut line = JsonLine { buf: Vec::new() };
+            line.millis("ms", Duration::from_micros(hundredths * 10));
+            let written = String::from_utf8(line.buf).unwrap();
+            assert_eq!(
+                written,
+                format!(",\"ms\":{}", float_text(hundredths)),
+                "{hundredths}"
+            );
+        }
+        // Rounded to the nearest hundredth.
+        let mut line = JsonLine { buf: Vec::new() };
+        line.millis("ms", Duration::from_nanos(1_234_567));
+        assert_eq!(line.buf, b",\"ms\":1.23");
+    }
+
+    #[test]
+    fn the_cached_second_serves_its_second_only() {
+        for (secs, micros, expected) in [
+            (1_796_060_166, 1, "2026-11-30T17:36:06.000001Z"),
+            (1_796_060_166, 999_999, "2026-11-30T17:36:06.999999Z"),
+            (1_796_060_167, 0, "2026-11-30T17:36:07.000000Z"),
+            (1_796_060_166, 5, "2026-11-30T17:36:06.000005Z"),
+            (1_796_060_166 + 86_400, 5, "2026-12-01T17:36:06.000005Z"),
+        ] {
+            assert_eq!(timestamp(secs, micros), expected);
+        }
     }
 
     #[test]

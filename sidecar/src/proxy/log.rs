@@ -167,32 +167,33 @@ impl RequestLog {
         if let Some(id) = &self.upstream_request_id {
             line.str("upstream_request_id", id);
         }
-        line.str("trace_id", &self.ids.trace_id);
-        line.str("method", self.method.as_str());
+        line.plain("trace_id", &self.ids.trace_id);
+        // A method is an HTTP token: no quote, backslash or control character.
+        line.plain("method", self.method.as_str());
         line.str("path", &self.path);
         line.str("endpoint", self.endpoint.as_ref().map_or("-", |e| e.name()));
         line.str("model", self.model.as_deref().unwrap_or("-"));
         line.u64("status", u64::from(self.status));
-        line.f64("latency_ms", millis(took));
+        line.millis("latency_ms", took);
         let optional_times = [
             ("headers_ms", self.headers_sent_after),
             ("first_chunk_ms", self.first_chunk_after),
         ];
         for (key, time) in optional_times {
             if let Some(time) = time {
-                line.f64(key, millis(time));
+                line.millis(key, time);
             }
         }
         line.u64("attempts", u64::from(self.attempts));
         if self.cache != CacheOutcome::Off {
-            line.str("cache", self.cache.as_str());
+            line.plain("cache", self.cache.as_str());
         }
         if let Some(tokens) = self.tokens {
             line.u64("prompt_tokens", tokens.input);
             line.u64("completion_tokens", tokens.output);
             line.bool("usage_estimated", !tokens.reported);
         }
-        line.str("outcome", outcome.as_str());
+        line.plain("outcome", outcome.as_str());
         line.finish(module_path!())
     }
 
