@@ -42,6 +42,35 @@ fn chat_body(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5})
 }
 
+/// A JSON body that arrives in pieces (chunked, with pauses, so the sidecar reads several
+/// frames) is read whole: the upstream gets all of it, the model rewritten.
+#[tokio::test]
+async fn a_body_sent_in_pieces_is_read_whole() {
+    use futures::StreamExt;
+    let upstream = FakeUpstream::start().await.unwrap();
+    let sidecar = sidecar_for(&upstream, "");
+    let text = chat_body("gpt-4o-mini").to_string();
+    let (first, rest) = text.split_at(10);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    let pieces = [first, second, third].map(|piece| Ok::<_, std::io::Error>(piece.to_string()));
+    let paced = futures::stream::iter(pieces).then(|piece| async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        piece
+    });
+    let response = client()
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(paced))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        upstream.last_request().unwrap().json(),
+        chat_body("upstream-model")
+    );
+}
+
 /// Asserts an error response in OpenAI's envelope and returns its body.
 async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status().as_u16(), status);

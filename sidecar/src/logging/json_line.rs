@@ -42,7 +42,8 @@ impl JsonLine {
 
     pub fn u64(&mut self, key: &'static str, value: u64) {
         self.key(key);
-        let _ = serde_json::to_writer(&mut self.buf, &value);
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 
     /// A number as `serde_json` writes it (shortest round-trip form; NaN and infinities as null).
@@ -154,17 +155,13 @@ fn second_prefix(secs: u64) -> [u8; SECOND_PREFIX_LEN] {
 }
 
 fn write_padded(out: &mut Vec<u8>, value: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut rest = value;
-    let mut start = digits.len();
-    while rest > 0 || start == digits.len() {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    let len = digits.len() - start;
-    out.extend(std::iter::repeat_n(b'0', width.saturating_sub(len)));
-    out.extend_from_slice(&digits[start..]);
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(value);
+    out.extend(std::iter::repeat_n(
+        b'0',
+        width.saturating_sub(digits.len()),
+    ));
+    out.extend_from_slice(digits.as_bytes());
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01, by eras of 400 years

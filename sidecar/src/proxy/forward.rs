@@ -89,7 +89,7 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<UpstreamResponseBod
         headers.insert(credential.header().clone(), credential.value().clone());
     }
     if let Some(len) = call.content_length {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        headers.insert(header::CONTENT_LENGTH, content_length(len));
     }
     headers.insert(super::REQUEST_ID.clone(), call.request_id.clone());
     headers.insert(TRACEPARENT.clone(), call.traceparent.clone());
@@ -126,6 +126,13 @@ pub async fn send(call: UpstreamCall<'_>) -> Result<Response<UpstreamResponseBod
         credential.pattern().redact_headers(&mut parts.headers);
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// `Content-Length: len`, in one allocation: `HeaderValue::from(u64)` makes two (a buffer,
+/// then the header that shares it).
+fn content_length(len: u64) -> HeaderValue {
+    HeaderValue::from_str(itoa::Buffer::new().format(len))
+        .unwrap_or_else(|_| HeaderValue::from(len))
 }
 
 static ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");

@@ -81,8 +81,9 @@ impl<'a> RequestJson<'a> {
             return Ok(None);
         };
         match text.as_bytes().first() {
-            Some(b'"') => serde_json::from_str::<Cow<'a, str>>(text)
-                .map(Some)
+            // As a `Key`: borrowed from the body unless escaped (a plain `Cow` would copy).
+            Some(b'"') => serde_json::from_str::<Key<'a>>(text)
+                .map(|Key(model)| Some(model))
                 .map_err(|_| ProxyError::ModelNotAString("an invalid string")),
             Some(b'n') => Ok(None),
             Some(b'{') => Err(ProxyError::ModelNotAString("an object")),

@@ -913,13 +913,37 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
     if declared_length(parts).is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    // A small body comes in one frame, kept as it is; only a body in several is copied
+    // together (`collect` would queue even the one frame, an allocation per request).
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ProxyError::BodyTooLarge { limit })
+            }
+            Err(e) => return Err(ProxyError::BodyRead(e.to_string())),
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match (&mut joined, &first) {
+            (Some(joined), _) => joined.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut both = Vec::with_capacity(earlier.len() + data.len());
+                both.extend_from_slice(earlier);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
         }
-        Err(e) => Err(ProxyError::BodyRead(e.to_string())),
     }
+    Ok(match joined {
+        Some(joined) => Bytes::from(joined),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// The request's id, for its response and log line: the app's `x-request-id` if it is
