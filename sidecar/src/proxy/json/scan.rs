@@ -45,6 +45,27 @@ pub(super) fn object_members(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
     (scan.pos == text.len()).then_some(members)
 }
 
+/// Strings up to this long (keys, roles, model names: most of a body's strings) are looked
+/// through byte by byte; a SIMD search costs more than that to get going.
+const SHORT_STRING: usize = 16;
+
+/// How many string characters start `rest`, up to its first `"` or `\`; `None` if there is
+/// none, or if a control character (which JSON forbids in a string) comes first. The text
+/// was checked as UTF-8 whole.
+fn string_run(rest: &[u8]) -> Option<usize> {
+    for (at, &byte) in rest.iter().take(SHORT_STRING).enumerate() {
+        match byte {
+            b'"' | b'\\' => return Some(at),
+            0..0x20 => return None,
+            _ => {}
+        }
+    }
+    let at = memchr::memchr2(b'"', b'\\', rest)?;
+    // `min` over the run compiles to vector instructions, unlike an early-exit search.
+    let run = rest.get(..at)?;
+    (run.iter().copied().min().unwrap_or(b' ') >= 0x20).then_some(at)
+}
+
 struct Scan<'t> {
     text: &'t str,
     pos: usize,
@@ -92,12 +113,7 @@ impl<'t> Scan<'t> {
         let mut escaped = false;
         loop {
             let rest = self.text.as_bytes().get(self.pos..)?;
-            let at = memchr::memchr2(b'"', b'\\', rest)?;
-            // The text was checked as UTF-8 whole; JSON also forbids raw control characters.
-            // `min` over the run compiles to vector instructions, unlike an early-exit search.
-            if rest[..at].iter().copied().min().is_some_and(|b| b < 0x20) {
-                return None;
-            }
+            let at = string_run(rest)?;
             self.pos += at;
             if self.next()? == b'"' {
                 return Some(escaped);
