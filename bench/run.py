@@ -177,7 +177,10 @@ CACHE_TARGETS = {"llmesh-cache-hit", "llmesh-cache-miss", "nginx-static"}
 # hyper-util's pooled client as the sidecar used, and with a plain stack of idle connections
 # as it keeps now:
 # what the sidecar's libraries take, apart from what its features add.
-FLOORS = {"hyper-floor": "legacy", "hyper-floor-direct": "direct"}
+FLOORS = {"hyper-floor": "legacy", "hyper-floor-direct": "direct",
+          # ... and direct plus what an LLM-aware proxy cannot skip: the JSON body read to find
+          # and rewrite `model`, and a JSON log line per request (nginx logs each request too).
+          "hyper-floor-json": "direct-json"}
 OPT_IN = {"llmesh-translated", *CACHE_TARGETS, *FLOORS}
 # Plain English, so that the tokenizer does the work it does on real prompts.
 PROMPT = ("Summarise the quarterly report: revenue rose twelve percent while costs held steady, "
@@ -238,10 +241,11 @@ def start_sidecar(tmp, name, settings, extra_args, upstream_port, port, admin_po
     return proc
 
 
-def start_floor_proxy(client, upstream_port, port):
+def start_floor_proxy(tmp, client, upstream_port, port):
     proc = subprocess.Popen([
         str(RELEASE / "llmesh-floor-proxy"), "--listen", f"127.0.0.1:{port}",
         "--upstream", f"127.0.0.1:{upstream_port}", "--client", client,
+        "--log", str(tmp / f"floor-{client}.log"),
     ])
     wait_port(port)
     return proc
@@ -453,7 +457,7 @@ def main():
             if name == "nginx":
                 proc = start_nginx(tmp, up_port, port)
             elif name in FLOORS:
-                proc = start_floor_proxy(FLOORS[name], up_port, port)
+                proc = start_floor_proxy(tmp, FLOORS[name], up_port, port)
             elif name == "llmesh-baseline":
                 settings, extra_args = SIDECARS[args.baseline_as] if args.baseline_as else ("", [])
                 proc = start_sidecar(tmp, name, settings, extra_args, up_port, port, free_port(),

@@ -7,32 +7,52 @@
 //! `--client legacy` forwards through hyper-util's pooled client, as the sidecar did until it
 //! kept its own connections; `--client direct` keeps each worker's idle upstream connections
 //! in a plain stack and speaks hyper's connection API, as the sidecar's `upstream_client` does.
+//! `--client direct-json` adds to `direct` the least an LLM-aware proxy cannot skip: the body
+//! read whole and its top-level JSON fields split to find `model`, the body rewritten with the
+//! upstream's model, and one JSON log line per request (to `--log`; nginx logs each request
+//! too). No limits, token counting, usage, metrics or retries.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::fs::File;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use http::header::{HeaderValue, AUTHORIZATION};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::value::RawValue;
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ClientKind {
     Legacy,
     Direct,
+    DirectJson,
 }
+
+/// What the direct client sends: the app's body as it streams in, or a rewritten one.
+type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// The model every request is rewritten to in `direct-json`.
+const UPSTREAM_MODEL: &str = "upstream-model";
+/// Log lines are written in batches of about this size, as the sidecar's writer does.
+const LOG_BATCH: usize = 16 * 1024;
 
 #[derive(Parser)]
 struct Cli {
@@ -44,6 +64,9 @@ struct Cli {
     workers: usize,
     #[arg(long, value_enum, default_value_t = ClientKind::Legacy)]
     client: ClientKind,
+    /// Where `direct-json` writes its log lines.
+    #[arg(long, default_value = "/dev/null")]
+    log: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,13 +77,13 @@ fn main() -> anyhow::Result<()> {
         let listener = reuse_port_listener(cli.listen)?;
         let key = key.clone();
         let (upstream, client) = (cli.upstream, cli.client);
+        let log = File::options().create(true).append(true).open(&cli.log)?;
         threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let forwarder = Forwarder::new(client, upstream, log);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(
-                    tokio::task::LocalSet::new().run_until(serve(listener, upstream, client, key)),
-                )
+                .block_on(tokio::task::LocalSet::new().run_until(serve(listener, forwarder, key)))
         }));
     }
     for thread in threads {
@@ -86,12 +109,11 @@ fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListene
 
 async fn serve(
     listener: std::net::TcpListener,
-    upstream: SocketAddr,
-    kind: ClientKind,
+    forwarder: Forwarder,
     key: HeaderValue,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    let forwarder = Rc::new(Forwarder::new(kind, upstream));
+    let forwarder = Rc::new(forwarder);
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
@@ -113,13 +135,14 @@ async fn serve(
 enum Forwarder {
     Legacy(Box<Client<HttpConnector, Incoming>>, http::uri::Authority),
     Direct(Rc<IdleConnections>, SocketAddr),
+    DirectJson(Rc<IdleConnections>, SocketAddr, Rc<AccessLog>),
 }
 
 #[derive(Default)]
-struct IdleConnections(RefCell<Vec<SendRequest<Incoming>>>);
+struct IdleConnections(RefCell<Vec<SendRequest<UpstreamBody>>>);
 
 impl Forwarder {
-    fn new(kind: ClientKind, upstream: SocketAddr) -> Self {
+    fn new(kind: ClientKind, upstream: SocketAddr, log: File) -> Self {
         match kind {
             ClientKind::Legacy => {
                 let mut connector = HttpConnector::new();
@@ -132,6 +155,14 @@ impl Forwarder {
                 Forwarder::Legacy(Box::new(client), authority)
             }
             ClientKind::Direct => Forwarder::Direct(Rc::default(), upstream),
+            ClientKind::DirectJson => Forwarder::DirectJson(
+                Rc::default(),
+                upstream,
+                Rc::new(AccessLog {
+                    file: log,
+                    batch: RefCell::new(Vec::with_capacity(LOG_BATCH * 2)),
+                }),
+            ),
         }
     }
 
@@ -159,16 +190,126 @@ impl Forwarder {
                     .map(|response| response.map(ProxyBody::passed))
                     .map_err(|_| ())
             }
-            Forwarder::Direct(idle, upstream) => direct(idle, *upstream, request).await,
+            Forwarder::Direct(idle, upstream) => {
+                direct(idle, *upstream, request.map(Either::Left)).await
+            }
+            Forwarder::DirectJson(idle, upstream, log) => {
+                direct_json(idle, *upstream, request, log).await
+            }
         };
         answer.unwrap_or_else(|()| bad_gateway())
+    }
+}
+
+/// The body read whole and split into its top-level fields as raw JSON, `model` replaced;
+/// with the model the app asked for. `None` if the body is not a JSON object.
+fn rewrite_model(body: &[u8]) -> Option<(String, Vec<u8>)> {
+    let fields: BTreeMap<&str, &RawValue> = serde_json::from_slice(body).ok()?;
+    let asked = fields
+        .get("model")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + UPSTREAM_MODEL.len());
+    out.push(b'{');
+    for (i, (key, value)) in fields.iter().filter(|(k, _)| **k != "model").enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key).ok()?;
+        out.push(b':');
+        out.extend_from_slice(value.get().as_bytes());
+    }
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"model\":");
+    serde_json::to_writer(&mut out, UPSTREAM_MODEL).ok()?;
+    out.push(b'}');
+    Some((asked, out))
+}
+
+async fn direct_json(
+    idle: &Rc<IdleConnections>,
+    upstream: SocketAddr,
+    request: Request<Incoming>,
+    log: &Rc<AccessLog>,
+) -> Result<Response<ProxyBody>, ()> {
+    let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    let body = body.collect().await.map_err(|_| ())?.to_bytes();
+    let (model, body) = rewrite_model(&body).ok_or(())?;
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
+    let upstream_request = Request::from_parts(parts, Either::Right(Full::new(Bytes::from(body))));
+    let mut response = direct(idle, upstream, upstream_request).await?;
+    let entry = LogEntry {
+        log: Rc::clone(log),
+        started,
+        method,
+        path,
+        model,
+        status: response.status().as_u16(),
+    };
+    let body = response.body_mut();
+    if body.is_end_stream() {
+        entry.write();
+    } else {
+        body.finished = Some(entry);
+    }
+    Ok(response)
+}
+
+/// A worker's access log: lines batched, written when a batch is full.
+struct AccessLog {
+    file: File,
+    batch: RefCell<Vec<u8>>,
+}
+
+/// What is logged of a request, once its answer has been sent.
+struct LogEntry {
+    log: Rc<AccessLog>,
+    started: Instant,
+    method: http::Method,
+    path: String,
+    model: String,
+    status: u16,
+}
+
+impl LogEntry {
+    fn write(self) {
+        let mut batch = self.log.batch.borrow_mut();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let _ = write!(
+            batch,
+            "{{\"time\":{}.{:06},\"method\":\"{}\",\"path\":",
+            now.as_secs(),
+            now.subsec_micros(),
+            self.method
+        );
+        let _ = serde_json::to_writer(&mut *batch, &self.path);
+        let _ = write!(batch, ",\"model\":");
+        let _ = serde_json::to_writer(&mut *batch, &self.model);
+        let _ = writeln!(
+            batch,
+            ",\"status\":{},\"latency_ms\":{:.2}}}",
+            self.status,
+            self.started.elapsed().as_secs_f64() * 1000.0
+        );
+        if batch.len() >= LOG_BATCH {
+            let _ = (&self.log.file).write_all(&batch);
+            batch.clear();
+        }
     }
 }
 
 async fn direct(
     idle: &Rc<IdleConnections>,
     upstream: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<UpstreamBody>,
 ) -> Result<Response<ProxyBody>, ()> {
     let pooled = idle.0.borrow_mut().pop();
     let mut sender = match pooled {
@@ -196,15 +337,17 @@ async fn direct(
         ProxyBody {
             inner: Some(body),
             returning,
+            finished: None,
         },
     ))
 }
 
 /// The upstream's body, streamed; with the direct client, its connection goes back on the
-/// idle stack at the body's end.
+/// idle stack at the body's end, and with `direct-json` the request is logged then.
 struct ProxyBody {
     inner: Option<Incoming>,
-    returning: Option<(SendRequest<Incoming>, Rc<IdleConnections>)>,
+    returning: Option<(SendRequest<UpstreamBody>, Rc<IdleConnections>)>,
+    finished: Option<LogEntry>,
 }
 
 impl ProxyBody {
@@ -212,6 +355,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Some(inner),
             returning: None,
+            finished: None,
         }
     }
 }
@@ -233,6 +377,9 @@ impl Body for ProxyBody {
             if let Some((sender, idle)) = self.returning.take() {
                 idle.0.borrow_mut().push(sender);
             }
+            if let Some(entry) = self.finished.take() {
+                entry.write();
+            }
         }
         Poll::Ready(frame)
     }
@@ -246,6 +393,7 @@ fn bad_gateway() -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody {
         inner: None,
         returning: None,
+        finished: None,
     });
     *response.status_mut() = StatusCode::BAD_GATEWAY;
     response
