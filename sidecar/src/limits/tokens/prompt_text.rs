@@ -182,14 +182,19 @@ impl<'j> Reader<'j, '_> {
         }
     }
 
-    /// Whether the container just opened is empty (and then steps over its `close`).
-    fn empty(&mut self, close: u8) -> bool {
-        self.skip_whitespace();
-        let empty = self.peek() == Some(close);
-        if empty {
-            self.pos += 1;
+    /// Steps into the container at the cursor, `depth` deep: whether it has members (if not,
+    /// its `close` is stepped over too).
+    fn open(&mut self, close: u8, depth: usize) -> Result<bool, Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop);
         }
-        empty
+        self.pos += 1;
+        self.skip_whitespace();
+        if self.peek() == Some(close) {
+            self.pos += 1;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The string at the cursor (white space skipped), decoded only if it has escapes.
@@ -254,11 +259,7 @@ impl<'j> Reader<'j, '_> {
     }
 
     fn array(&mut self, mode: Mode, depth: usize) -> Result<(), Stop> {
-        if depth > MAX_DEPTH {
-            return Err(Stop);
-        }
-        self.pos += 1;
-        if self.empty(b']') {
+        if !self.open(b']', depth)? {
             return Ok(());
         }
         let item_mode = match mode {
@@ -277,11 +278,7 @@ impl<'j> Reader<'j, '_> {
     }
 
     fn all_strings_object(&mut self, depth: usize) -> Result<(), Stop> {
-        if depth > MAX_DEPTH {
-            return Err(Stop);
-        }
-        self.pos += 1;
-        if self.empty(b'}') {
+        if !self.open(b'}', depth)? {
             return Ok(());
         }
         loop {
@@ -296,11 +293,7 @@ impl<'j> Reader<'j, '_> {
 
     /// A message or content part: its text members only, or an image's fixed cost.
     fn text_object(&mut self, depth: usize) -> Result<(), Stop> {
-        if depth > MAX_DEPTH {
-            return Err(Stop);
-        }
-        self.pos += 1;
-        if self.empty(b'}') {
+        if !self.open(b'}', depth)? {
             return Ok(());
         }
         // The part's `type` may come after its text: read on, and take the text back out
@@ -354,11 +347,7 @@ impl<'j> Reader<'j, '_> {
             }
             None => return Err(Stop),
         };
-        if depth + 1 > MAX_DEPTH {
-            return Err(Stop);
-        }
-        self.pos += 1;
-        if self.empty(close) {
+        if !self.open(close, depth + 1)? {
             return Ok(());
         }
         loop {
