@@ -278,10 +278,12 @@ mod tests {
                 "{hundredths}"
             );
         }
-        // Rounded to the nearest hundredth.
-        let mut line = JsonLine { buf: Vec::new() };
-        line.millis("ms", Duration::from_nanos(1_234_567));
-        assert_eq!(line.buf, b",\"ms\":1.23");
+        // Rounded to the nearest hundredth, halves up.
+        for (nanos, expected) in [(1_234_567, "1.23"), (35_000, "0.04"), (34_999, "0.03")] {
+            let mut line = JsonLine { buf: Vec::new() };
+            line.millis("ms", Duration::from_nanos(nanos));
+            assert_eq!(line.buf, format!(",\"ms\":{expected}").as_bytes());
+        }
     }
 
     #[test]

@@ -347,9 +347,10 @@ impl RequestLog {
     }
 }
 
-/// Milliseconds with two decimals, as the log gives durations.
+/// Milliseconds with two decimals, as the log gives durations: rounded as
+/// [`JsonLine::millis`] rounds them, so that both formats give the same figure.
 fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 100_000.0).round() / 100.0
+    (d.as_nanos().saturating_add(5_000) / 10_000) as f64 / 100.0
 }
 
 impl Drop for RequestLog {

@@ -910,9 +910,12 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 }
 
 async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
-    if declared_length(parts).is_some_and(|len| len > limit) {
+    let declared = declared_length(parts).unwrap_or(0);
+    if declared > limit {
         return Err(ProxyError::BodyTooLarge { limit });
     }
+    // Room for what the app declared once a second frame comes.
+    let declared = usize::try_from(declared).unwrap_or(0);
     let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     // A small body comes in one frame, kept as it is; only a body in several is copied
     // together (`collect` would queue even the one frame, an allocation per request).
@@ -933,7 +936,8 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
             (Some(joined), _) => joined.extend_from_slice(&data),
             (None, None) => first = Some(data),
             (None, Some(earlier)) => {
-                let mut both = Vec::with_capacity(earlier.len() + data.len());
+                let mut both =
+                    Vec::with_capacity(declared.max(earlier.len().saturating_add(data.len())));
                 both.extend_from_slice(earlier);
                 both.extend_from_slice(&data);
                 joined = Some(both);

@@ -52,8 +52,8 @@ impl Prompt {
                     prompt: &mut prompt,
                 };
                 // The proxy's split checks a field's syntax but not all of its content: a lone
-                // surrogate escape or nesting deeper than serde_json's limit stops the walk
-                // here. What follows must still be reserved, so the whole field is estimated on
+                // surrogate escape in the prompt's text, or text nested deeper than the walk
+                // goes, stops it here. What follows must still be reserved, so the whole field is estimated on
                 // top of what was read: more than its share, never less.
                 if reader.value(mode, 0).is_err() {
                     prompt.fixed_tokens = prompt
@@ -124,8 +124,8 @@ enum Mode {
     AllStrings,
 }
 
-/// Nesting deeper than this stops the walk (serde_json's own limit, which the split applies),
-/// so that a hostile body cannot exhaust the stack.
+/// Nesting of the prompt's own text deeper than this stops the walk, which recurses into it
+/// (the split accepts any depth): a hostile body cannot exhaust the stack.
 const MAX_DEPTH: usize = 128;
 
 /// JSON the walk cannot read: a lone surrogate escape, nesting past [`MAX_DEPTH`], or (not
@@ -135,8 +135,9 @@ struct Stop;
 /// Appends a field's prompt text to `prompt`, reading the field's JSON by hand.
 ///
 /// The proxy's split has already checked the whole body's syntax, so strings are found with
-/// a SIMD search for their closing quote and taken as they are; only a string with escapes is
-/// decoded (by serde_json). Walking the field with serde_json's reader instead checked each
+/// a SIMD search for their closing quote and taken as they are; only a string the prompt uses
+/// (or a member's name) with escapes is decoded (by serde_json), and members it does not use
+/// are stepped over unread. Walking the field with serde_json's reader instead checked each
 /// string's bytes a second and third time, a few instructions per byte, and was the largest
 /// part of admitting a request with a token limit.
 struct Reader<'j, 'p> {
@@ -199,27 +200,42 @@ impl<'j> Reader<'j, '_> {
 
     /// The string at the cursor (white space skipped), decoded only if it has escapes.
     fn string(&mut self) -> Result<Cow<'j, str>, Stop> {
-        self.expect(b'"')?;
+        let (start, escaped) = self.step_over_string()?;
+        self.decode(start, escaped)
+    }
+
+    /// The string from `start` to the cursor, quotes included, as its text.
+    fn decode(&self, start: usize, escaped: bool) -> Result<Cow<'j, str>, Stop> {
+        // Between the quotes, and with them for serde_json to decode the escapes.
+        let quoted = self.json.get(start..self.pos).ok_or(Stop)?;
+        if !escaped {
+            return quoted
+                .get(1..quoted.len().saturating_sub(1))
+                .map(Cow::Borrowed)
+                .ok_or(Stop);
+        }
+        serde_json::from_str(quoted).map_err(|_| Stop)
+    }
+
+    /// Steps over the string at the cursor (white space skipped) without reading it: where
+    /// its opening quote was, and whether it has escapes.
+    fn step_over_string(&mut self) -> Result<(usize, bool), Stop> {
+        self.skip_whitespace();
         let start = self.pos;
+        self.expect(b'"')?;
         let mut escaped = false;
         loop {
             let rest = self.json.as_bytes().get(self.pos..).ok_or(Stop)?;
             self.pos += memchr::memchr2(b'"', b'\\', rest).ok_or(Stop)?;
             if self.peek() == Some(b'"') {
-                break;
+                self.pos += 1;
+                return Ok((start, escaped));
             }
             // A backslash and the character it escapes (a `\u` escape's hex digits hold no
             // quote or backslash).
             escaped = true;
             self.pos += 2;
         }
-        let end = self.pos;
-        self.pos += 1;
-        if !escaped {
-            return self.json.get(start..end).map(Cow::Borrowed).ok_or(Stop);
-        }
-        let quoted = self.json.get(start.saturating_sub(1)..=end).ok_or(Stop)?;
-        serde_json::from_str(quoted).map_err(|_| Stop)
     }
 
     /// Steps over a number or a literal (`true`, `false`, `null`).
@@ -282,7 +298,7 @@ impl<'j> Reader<'j, '_> {
             return Ok(());
         }
         loop {
-            self.string()?;
+            self.step_over_string()?;
             self.expect(b':')?;
             self.value(Mode::AllStrings, depth)?;
             if !self.more(b'}')? {
@@ -311,16 +327,20 @@ impl<'j> Reader<'j, '_> {
             if key == "type" {
                 // A `type` that is not a string is skipped like any other value.
                 if self.peek() == Some(b'"') {
-                    image |= self.string()?.contains("image");
+                    // One that cannot be decoded (a lone surrogate) names no image.
+                    let (start, escaped) = self.step_over_string()?;
+                    image |= self
+                        .decode(start, escaped)
+                        .is_ok_and(|kind| kind.contains("image"));
                 } else {
-                    self.skip(depth)?;
+                    self.skip()?;
                 }
             } else if TEXT_MEMBERS.contains(&key.as_ref()) {
                 self.value(Mode::Text, depth)?;
             } else if NESTED_TEXT_MEMBERS.contains(&key.as_ref()) {
                 self.value(Mode::AllStrings, depth)?;
             } else {
-                self.skip(depth)?;
+                self.skip()?;
             }
             if !self.more(b'}')? {
                 break;
@@ -334,29 +354,35 @@ impl<'j> Reader<'j, '_> {
         Ok(())
     }
 
-    /// Steps over the value at the cursor, reading nothing from it.
-    fn skip(&mut self, depth: usize) -> Result<(), Stop> {
+    /// Steps over the value at the cursor, reading nothing from it: its strings are not
+    /// decoded and its nesting is counted, not walked (the split has checked its syntax), so
+    /// nothing in a member the prompt does not use can stop the walk.
+    fn skip(&mut self) -> Result<(), Stop> {
         self.skip_whitespace();
-        let close = match self.peek() {
-            Some(b'"') => return self.string().map(drop),
-            Some(b'[') => b']',
-            Some(b'{') => b'}',
-            Some(_) => {
-                self.scalar();
-                return Ok(());
-            }
-            None => return Err(Stop),
-        };
-        if !self.open(close, depth + 1)? {
-            return Ok(());
-        }
+        let mut depth: u64 = 0;
         loop {
-            if close == b'}' {
-                self.string()?;
-                self.expect(b':')?;
+            match self.peek().ok_or(Stop)? {
+                b'"' => {
+                    self.step_over_string()?;
+                }
+                b'[' | b'{' => {
+                    depth = depth.checked_add(1).ok_or(Stop)?;
+                    self.pos += 1;
+                }
+                b']' | b'}' => {
+                    depth = depth.checked_sub(1).ok_or(Stop)?;
+                    self.pos += 1;
+                }
+                b',' | b':' | b' ' | b'\n' | b'\r' | b'\t' if depth > 0 => self.pos += 1,
+                _ => {
+                    let before = self.pos;
+                    self.scalar();
+                    if self.pos == before {
+                        return Err(Stop);
+                    }
+                }
             }
-            self.skip(depth + 1)?;
-            if !self.more(close)? {
+            if depth == 0 {
                 return Ok(());
             }
         }
@@ -469,6 +495,21 @@ mod tests {
                 prompt.fixed_tokens >= long.len() as u64 / 4,
                 "{stopper:.20}: {}",
                 prompt.fixed_tokens
+            );
+        }
+        // What a member the prompt does not use holds cannot stop the walk: it is stepped
+        // over, not decoded or walked.
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        for unused in [r#""\ud800""#, deep.as_str()] {
+            let body = format!(
+                r#"{{"messages":[{{"content":"hi","x":{unused}}},{{"type":"\ud800","text":"yo"}}]}}"#
+            );
+            let prompt = Prompt::from_request(body.as_bytes());
+            assert_eq!(prompt.text, "hi\nyo\n", "{unused:.20}");
+            assert_eq!(
+                prompt.fixed_tokens,
+                2 * MESSAGE_OVERHEAD_TOKENS,
+                "{unused:.20}"
             );
         }
         // Odd shapes inside an object are read as far as they make sense.

@@ -6,7 +6,8 @@
 //! what serde_json accepts (RFC 8259, a top-level object, nothing after it) and splits it as
 //! serde_json does; where it cannot vouch for a body (bad syntax, nesting deeper than it
 //! tracks, a key it cannot decode), it answers `None` and serde_json reads the body instead,
-//! so that every error reads as before. A property test holds the two to the same answers.
+//! so that its errors read as serde_json's. (A body that is not UTF-8 is refused before
+//! either reads it, as malformed JSON.) A property test holds the two to the same answers.
 
 use std::borrow::Cow;
 

@@ -10,7 +10,10 @@
 //! `--client direct-json` adds to `direct` the least an LLM-aware proxy cannot skip: the body
 //! read whole and its top-level JSON fields split to find `model`, the body rewritten with the
 //! upstream's model, and one JSON log line per request (to `--log`; nginx logs each request
-//! too). No limits, token counting, usage, metrics or retries.
+//! too). No limits, token counting, usage, metrics or retries. Its split is the plainest one:
+//! a map of borrowed names to raw values, so a body with an escaped top-level name gets a 502
+//! (the benchmark's bodies have none); a line is written when the answer's last frame is
+//! passed on, and the last part-filled batch is not flushed at exit.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
