@@ -67,7 +67,7 @@ pub fn push_json_string<B: JsonBuffer>(out: &mut B, text: &str) {
     out.push_text("\"");
 }
 
-fn needs_escape(byte: u8) -> bool {
+pub fn needs_escape(byte: u8) -> bool {
     byte < 0x20 || byte == b'"' || byte == b'\\'
 }
 

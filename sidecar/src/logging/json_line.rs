@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::json_string::push_json_string;
+use crate::json_string::{needs_escape, push_json_string};
 
 pub struct JsonLine {
     buf: Vec<u8>,
@@ -55,8 +55,7 @@ impl JsonLine {
     /// A duration in milliseconds with two decimals, as [`Self::f64`] writes the number
     /// (`0.07`, `12.5`, `3.0`), from whole hundredths: formatting a float costs ten times more.
     pub fn millis(&mut self, key: &'static str, duration: Duration) {
-        let hundredths = duration.as_nanos().saturating_add(5_000) / 10_000;
-        let Ok(hundredths) = u64::try_from(hundredths) else {
+        let Ok(hundredths) = u64::try_from(hundredths_of_a_millisecond(duration)) else {
             return self.f64(key, duration.as_secs_f64() * 1000.0);
         };
         // Below 10^12 hundredths (115 days) a float is fine enough that its shortest form is
@@ -77,10 +76,7 @@ impl JsonLine {
 
     /// A string this crate made, known to need no escape (hex ids, methods, its own names).
     pub fn plain(&mut self, key: &'static str, value: &str) {
-        debug_assert!(
-            !value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'),
-            "{value:?} needs escaping"
-        );
+        debug_assert!(!value.bytes().any(needs_escape), "{value:?} needs escaping");
         self.key(key);
         self.buf.push(b'"');
         self.buf.extend_from_slice(value.as_bytes());
@@ -99,6 +95,12 @@ impl JsonLine {
         self.buf.extend_from_slice(b"}\n");
         self.buf
     }
+}
+
+/// `duration` in hundredths of a millisecond, rounded to the nearest (halves up): how every
+/// log format gives a duration.
+pub fn hundredths_of_a_millisecond(duration: Duration) -> u128 {
+    duration.as_nanos().saturating_add(5_000) / 10_000
 }
 
 /// The length of `2026-11-30T17:36:06.`, the part of a timestamp that changes once a second.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
-pub use json_line::JsonLine;
+pub use json_line::{hundredths_of_a_millisecond, JsonLine};
 pub use sink::{write_line, SinkGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::cache::CacheOutcome;
 use crate::logging::request_scope::RequestIds;
-use crate::logging::JsonLine;
+use crate::logging::{hundredths_of_a_millisecond, JsonLine};
 use crate::metrics::{self, CallLabels, FinishedRequest, Metrics, TokenCount};
 use crate::otlp::{RequestSpan, SpanSink};
 use crate::snapshot::Endpoint;
@@ -347,10 +347,10 @@ impl RequestLog {
     }
 }
 
-/// Milliseconds with two decimals, as the log gives durations: rounded as
-/// [`JsonLine::millis`] rounds them, so that both formats give the same figure.
+/// Milliseconds with two decimals, as the log gives durations (and as [`JsonLine::millis`]
+/// writes them).
 fn millis(d: Duration) -> f64 {
-    (d.as_nanos().saturating_add(5_000) / 10_000) as f64 / 100.0
+    hundredths_of_a_millisecond(d) as f64 / 100.0
 }
 
 impl Drop for RequestLog {

@@ -6,9 +6,9 @@
 //! differ from one read that way by a token or two, which the response's usage settles.
 //!
 //! Read with no JSON tree: the top level is split into raw fields, and the prompt's fields
-//! are walked by a reader that appends strings straight to the prompt's text. Building a `serde_json::Value` of the body instead (a map and a
-//! string for every field of every message) cost more than all the rest of admitting a
-//! request.
+//! are walked by a reader that appends strings straight to the prompt's text. Building a
+//! `serde_json::Value` of the body instead (a map and a string for every field of every
+//! message) cost more than all the rest of admitting a request.
 
 use std::borrow::Cow;
 
@@ -53,8 +53,8 @@ impl Prompt {
                 };
                 // The proxy's split checks a field's syntax but not all of its content: a lone
                 // surrogate escape in the prompt's text, or text nested deeper than the walk
-                // goes, stops it here. What follows must still be reserved, so the whole field is estimated on
-                // top of what was read: more than its share, never less.
+                // goes, stops it here. What follows must still be reserved, so the whole field
+                // is estimated on top of what was read: more than its share, never less.
                 if reader.value(mode, 0).is_err() {
                     prompt.fixed_tokens = prompt
                         .fixed_tokens
